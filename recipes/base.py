@@ -1,0 +1,58 @@
+"""The recipe interface and its registry.
+
+A recipe turns a loaded base model into a trainable one and says how its result
+is saved. It owns its options model (validated with the rest of the config, so a
+typo in ``recipe.*`` gets the same "did you mean" help as any other key) and its
+cross-field rules. Adding a method means adding one module to ``recipes/`` that
+defines a ``Recipe`` subclass decorated with ``@register``; nothing else changes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+from tunelab.config.schema import RecipeOptions
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import TrainerCallback
+
+    from tunelab.config.schema import Config
+
+REGISTRY: dict[str, type[Recipe]] = {}
+
+
+def register(cls: type[Recipe]) -> type[Recipe]:
+    """Class decorator: make a recipe selectable by ``recipe.name`` in configs."""
+    if cls.name in REGISTRY:
+        raise RuntimeError(f"two recipes are named {cls.name!r}")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+class Recipe:
+    """One fine-tuning method. Subclasses set the class attributes and ``build``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Options: ClassVar[type[RecipeOptions]]
+    # "adapter": only the PEFT adapter is saved (RUN_DIR/adapter);
+    # "model": the whole trained model is saved (RUN_DIR/model).
+    artifact: ClassVar[Literal["adapter", "model"]]
+
+    def __init__(self, options: RecipeOptions):
+        self.options = options
+
+    def check(self, config: Config) -> None:
+        """Raise ``UserError`` for option combinations that cannot work with ``config``.
+
+        Runs in ``tunelab validate`` before any model loads.
+        """
+
+    def build(self, model: torch.nn.Module, config: Config) -> torch.nn.Module:
+        """Return the trainable model (e.g. wrapped in PEFT) built from the base."""
+        raise NotImplementedError
+
+    def callbacks(self, config: Config) -> list[TrainerCallback]:
+        """Extra trainer hooks the method needs (schedules, penalties); none by default."""
+        return []

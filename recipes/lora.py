@@ -1,0 +1,57 @@
+"""LoRA (Hu et al., 2021): frozen base, trainable low-rank update B·A scaled by alpha/r."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import torch
+from peft import LoraConfig, get_peft_model
+from pydantic import Field
+
+from tunelab.config.schema import Config, RecipeOptions
+from tunelab.errors import UserError
+
+from .base import Recipe, register
+
+
+class LoraOptions(RecipeOptions):
+    r: Annotated[int, Field(ge=1)] = 8
+    alpha: Annotated[float, Field(gt=0)] = 16.0
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    # "all-linear", a list of module-name suffixes, or one regex matched against full names.
+    target_modules: str | Annotated[list[str], Field(min_length=1)] = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] | None = None
+
+
+@register
+class Lora(Recipe):
+    name = "lora"
+    description = "Low-rank adapters on frozen weights; merges into the base."
+    Options = LoraOptions
+    artifact = "adapter"
+    options: LoraOptions
+
+    def peft_config(self) -> LoraConfig:
+        """The PEFT config for these options (subclasses such as rsLoRA adjust it)."""
+        o = self.options
+        return LoraConfig(
+            task_type="CAUSAL_LM",
+            r=o.r,
+            lora_alpha=o.alpha,
+            lora_dropout=o.dropout,
+            target_modules=o.target_modules,
+            bias=o.bias,
+            modules_to_save=o.modules_to_save,
+        )
+
+    def build(self, model: torch.nn.Module, config: Config) -> torch.nn.Module:
+        try:
+            return get_peft_model(model, self.peft_config())
+        except ValueError as exc:
+            if "not found in the base model" in str(exc) or "No modules were targeted" in str(exc):
+                raise UserError(
+                    f"recipe.target_modules {self.options.target_modules!r} matched no module of "
+                    f"{config.model.name_or_path}; use 'all-linear' or names such as [q_proj, v_proj]."
+                ) from exc
+            raise

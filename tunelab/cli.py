@@ -1,0 +1,123 @@
+"""The ``tunelab`` command: one entry point, one verb per job.
+
+User errors (``UserError``) print one sentence and exit with status 2; ``--debug``
+shows the traceback as well. Heavy libraries are imported inside the verbs so
+``tunelab --help`` and ``tunelab recipes`` answer quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+from tunelab.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may follow options (`train c.yaml --output d lr=1`): argparse leaves them over.
+    if extra and hasattr(args, "overrides") and not any(item.startswith("-") for item in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.handler(args) or 0
+    except UserError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"tunelab: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("tunelab: interrupted.", file=sys.stderr)
+        return 130
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tunelab.config import load_config
+    from tunelab.train.run import train
+
+    config = load_config(args.config, args.overrides)
+    train(config, output_dir=args.output, max_steps=args.max_steps, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from tunelab.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    print(f"{args.config}: OK (recipe {config.recipe.name}, model {config.model.name_or_path})")
+    return 0
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from tunelab.recipes import REGISTRY
+
+    width = max(len(name) for name in REGISTRY)
+    for name, recipe in sorted(REGISTRY.items()):
+        print(f"{name:<{width}}  {recipe.description}  [saves {recipe.artifact}]")
+    return 0
+
+
+def _cmd_tiny_model(args: argparse.Namespace) -> int:
+    from tunelab.models.tiny import build_tiny_model
+
+    path = build_tiny_model(
+        args.out_dir, hidden_size=args.hidden_size, num_layers=args.num_layers, vocab_size=args.vocab_size, seed=args.seed
+    )
+    print(f"tunelab: tiny Llama model and tokenizer written to {path}")
+    return 0
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+
+    parser = argparse.ArgumentParser(prog="tunelab", description=__doc__.splitlines()[0], parents=[common])
+    parser.set_defaults(debug=bool(os.environ.get("TUNELAB_DEBUG")))
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    train = verbs.add_parser("train", parents=[common], help="train a model from a YAML config")
+    train.add_argument("config", help="YAML config file")
+    train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="OmegaConf dotlist overrides")
+    train.add_argument("--output", help="run directory (default: the config's output_dir)")
+    train.add_argument("--max-steps", type=_positive_int, help="cap on optimizer steps")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    train.set_defaults(handler=_cmd_train)
+
+    validate = verbs.add_parser("validate", parents=[common], help="check a config without training")
+    validate.add_argument("config")
+    validate.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    validate.set_defaults(handler=_cmd_validate)
+
+    recipes = verbs.add_parser("recipes", parents=[common], help="list the available recipes")
+    recipes.set_defaults(handler=_cmd_recipes)
+
+    tiny = verbs.add_parser("tiny-model", parents=[common], help="write a tiny Llama model + tokenizer folder")
+    tiny.add_argument("out_dir")
+    tiny.add_argument("--hidden-size", type=_positive_int, default=128)
+    tiny.add_argument("--num-layers", type=_positive_int, default=4)
+    tiny.add_argument("--vocab-size", type=_positive_int, default=512)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(handler=_cmd_tiny_model)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The typed config schema: one pydantic model per YAML section.
+
+Every model forbids unknown keys (a typo must never be silently dropped) and is
+frozen (a run's config cannot drift after validation). Recipe options are not
+declared here: each recipe in ``recipes/`` owns its options model, so adding a
+method never touches this file.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, model_validator
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RecipeOptions(Section):
+    """Base of every recipe's options; ``name`` selects the recipe in the registry."""
+
+    name: str
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(
+        description="Hub id (org/name), local folder, or a built-in model such as 'builtin:tiny-llama'."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
+
+
+DatasetFormat = Literal["text", "prompt_completion", "alpaca", "messages"]
+
+
+class DatasetSource(Section):
+    path: str = Field(description="Local file, glob or folder (jsonl/json/csv/parquet/txt), or a hub dataset id.")
+    format: DatasetFormat
+    split: str = "train"
+    name: str | None = None
+    data_files: str | list[str] | None = None
+    max_samples: Annotated[int, Field(ge=1)] | None = None
+
+
+class DataConfig(Section):
+    datasets: Annotated[list[DatasetSource], Field(min_length=1)]
+    eval_datasets: list[DatasetSource] = []
+    eval_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    max_length: Annotated[int, Field(ge=8)] = 512
+    overlong: Literal["truncate", "drop", "error"] = "truncate"
+    train_on_inputs: bool = False
+    chat_template: str | None = Field(
+        default=None,
+        description="None uses the tokenizer's own template; a built-in name ('chatml') replaces it.",
+    )
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DataConfig:
+        if self.eval_datasets and self.eval_ratio > 0:
+            raise ValueError(
+                "data.eval_datasets and data.eval_ratio are both set; keep one of them "
+                "(a held-out split is taken either from its own source or by ratio)"
+            )
+        return self
+
+
+class TrainingConfig(Section):
+    seed: int = 42
+    num_epochs: Annotated[float, Field(gt=0)] = 1.0
+    max_steps: Annotated[int, Field(ge=1)] | None = None
+    micro_batch_size: Annotated[int, Field(ge=1)] = 1
+    gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 1
+    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 2e-4
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "sgd", "adafactor"] = "adamw_torch"
+    max_grad_norm: Annotated[float, Field(ge=0)] = 1.0
+    logging_steps: Annotated[int, Field(ge=1)] = 1
+    save_steps: Annotated[int, Field(ge=1)] | None = None
+    save_total_limit: Annotated[int, Field(ge=1)] = 2
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> TrainingConfig:
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError(
+                "training.warmup_steps and training.warmup_ratio are both set; keep one of them"
+            )
+        return self
+
+
+class EvalConfig(Section):
+    """Held-out metrics measured before and after training on the eval split."""
+
+    before_training: bool = True
+    exact_match: bool = True
+    max_samples: Annotated[int, Field(ge=1)] = 200
+    max_new_tokens: Annotated[int, Field(ge=1)] = 32
+    batch_size: Annotated[int, Field(ge=1)] = 32
+
+
+class Config(Section):
+    model: ModelConfig
+    recipe: SerializeAsAny[RecipeOptions]
+    data: DataConfig
+    training: TrainingConfig = TrainingConfig()
+    eval: EvalConfig = EvalConfig()
+    output_dir: str = "runs/default"
+

@@ -1,0 +1,1 @@
+"""Data stage: sources, formats, chat templates, label masking, batching."""

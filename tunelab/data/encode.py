@@ -1,0 +1,136 @@
+"""Tokenize examples with exact label masks, and build the train/eval splits.
+
+Chats are rendered with the chat template turn by turn: the prompt part up to each
+assistant turn (with the generation prompt) and the assistant part are tokenized
+as separate segments. The prompt segments are therefore tokenized exactly as at
+inference time, and the label mask follows segment boundaries exactly: assistant
+content plus its end-of-turn token carry loss, everything else is -100 unless
+``train_on_inputs`` is set. Raw text is trained in full, with EOS appended.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from tunelab.config.schema import DataConfig
+from tunelab.data.formats import Example, Message, to_example
+from tunelab.data.sources import load_source
+from tunelab.errors import UserError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Encoded:
+    """A tokenized example; ``prompt``/``answer`` are set for chats (used by exact-match eval)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    prompt: str | None = None
+    answer: str | None = None
+
+
+@dataclass
+class Splits:
+    train: list[Encoded]
+    eval: list[Encoded]
+    # overlong handling and other per-run data counts, reported in the summary
+    stats: Counter = field(default_factory=Counter)
+
+
+def render_segments(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> list[tuple[str, bool]]:
+    """Split a rendered chat into (text, is_assistant) segments using the chat template."""
+
+    def render(turns: list[Message], generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(messages[:index], True)
+        full = render(messages[: index + 1], False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise UserError(
+                "the chat template does not render conversations prefix-by-prefix, so assistant tokens "
+                "cannot be masked exactly; set data.chat_template to a built-in template such as chatml."
+            )
+        segments += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
+        done = full
+    rest = render(messages, False)[len(done) :]
+    if rest:
+        segments.append((rest, False))
+    return [(text, trained) for text, trained in segments if text]
+
+
+def encode_example(example: Example, tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool) -> Encoded:
+    if example.text is not None:
+        ids = tokenizer(example.text, add_special_tokens=True).input_ids + [tokenizer.eos_token_id]
+        return Encoded(input_ids=ids, labels=list(ids))
+    assert example.messages is not None
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for text, trained in render_segments(tokenizer, example.messages):
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        input_ids += ids
+        labels += ids if (trained or train_on_inputs) else [IGNORE_INDEX] * len(ids)
+    last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
+    prompt = tokenizer.apply_chat_template(example.messages[:last], tokenize=False, add_generation_prompt=True)
+    return Encoded(input_ids, labels, prompt=prompt, answer=example.messages[last]["content"])
+
+
+def build_splits(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> Splits:
+    """Load, normalise, tokenize and split all configured sources."""
+    stats: Counter = Counter()
+    train = _encode_sources(data, data.datasets, "data.datasets", tokenizer, stats)
+    if data.eval_datasets:
+        eval_ = _encode_sources(data, data.eval_datasets, "data.eval_datasets", tokenizer, stats)
+    elif data.eval_ratio > 0:
+        random.Random(seed).shuffle(train)
+        n_eval = max(1, round(len(train) * data.eval_ratio))
+        if n_eval >= len(train):
+            raise UserError(f"data.eval_ratio {data.eval_ratio} leaves no training rows out of {len(train)}; lower it.")
+        eval_, train = train[:n_eval], train[n_eval:]
+    else:
+        eval_ = []
+    if not train:
+        raise UserError("no training rows are left after length filtering; raise data.max_length or set data.overlong: truncate.")
+    return Splits(train=train, eval=eval_, stats=stats)
+
+
+def _encode_sources(data: DataConfig, sources, key: str, tokenizer, stats: Counter) -> list[Encoded]:
+    encoded: list[Encoded] = []
+    for index, source in enumerate(sources):
+        rows = load_source(source, f"{key}[{index}]")
+        for row_number, row in enumerate(rows):
+            where = f'{key}[{index}] "{source.path}" row {row_number}'
+            item = encode_example(to_example(row, source.format, where), tokenizer, data.train_on_inputs)
+            item = _fit_length(item, data, where, stats)
+            if item is not None:
+                encoded.append(item)
+        stats["rows"] += len(rows)
+    return encoded
+
+
+def _fit_length(item: Encoded, data: DataConfig, where: str, stats: Counter) -> Encoded | None:
+    if len(item.input_ids) <= data.max_length:
+        return item
+    if data.overlong == "error":
+        raise UserError(
+            f"{where} has {len(item.input_ids)} tokens, more than data.max_length={data.max_length}; "
+            "raise data.max_length or set data.overlong to truncate or drop."
+        )
+    if data.overlong == "drop":
+        stats["dropped_overlong"] += 1
+        return None
+    stats["truncated_overlong"] += 1
+    labels = item.labels[: data.max_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        stats["dropped_no_trained_tokens"] += 1
+        return None
+    return Encoded(item.input_ids[: data.max_length], labels, item.prompt, item.answer)

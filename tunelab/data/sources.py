@@ -1,0 +1,71 @@
+"""Where rows come from: local files (jsonl/json/csv/parquet/txt, globs, folders) or hub ids.
+
+Both go through ``datasets.load_dataset`` so users get the library's real behaviour;
+the local-file checks here exist to fail before any model loads, with the path named.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import datasets
+
+from tunelab.config.schema import DatasetSource
+from tunelab.errors import UserError
+
+# file suffix -> datasets builder
+LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def check_source(source: DatasetSource, key: str) -> None:
+    """Raise ``UserError`` if a local source is missing, empty or of an unknown type."""
+    _local_files(source, key)
+
+
+def load_source(source: DatasetSource, key: str) -> datasets.Dataset:
+    """Load one source as a ``datasets.Dataset`` (capped at ``max_samples`` rows)."""
+    files = _local_files(source, key)
+    try:
+        if files is not None:
+            builder = LOCAL_BUILDERS[files[0].suffix]
+            dataset = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+        else:
+            dataset = datasets.load_dataset(
+                source.path, name=source.name, split=source.split, data_files=source.data_files
+            )
+    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f'{key}.path "{source.path}" could not be loaded ({first}); check the file or dataset id.') from exc
+    if source.max_samples is not None:
+        dataset = dataset.select(range(min(source.max_samples, len(dataset))))
+    if len(dataset) == 0:
+        raise UserError(f'{key}.path "{source.path}" has no rows; point it at a non-empty dataset.')
+    return dataset
+
+
+def _local_files(source: DatasetSource, key: str) -> list[Path] | None:
+    """The local files a source names, or None when it is a hub dataset id."""
+    path = Path(source.path).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_BUILDERS and p.is_file())
+    elif any(ch in source.path for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    elif path.is_file():
+        files = [path]
+    elif path.suffix in LOCAL_BUILDERS or source.path.startswith((".", "/", "~")) or source.path.count("/") > 1:
+        raise UserError(f'{key}.path "{source.path}" does not exist; check the path.')
+    else:
+        return None  # a hub dataset id such as "tatsu-lab/alpaca"
+    if not files:
+        raise UserError(f'{key}.path "{source.path}" matches no data file; expected one of {", ".join(LOCAL_BUILDERS)}.')
+    suffixes = {f.suffix for f in files}
+    unknown = suffixes - set(LOCAL_BUILDERS)
+    if unknown:
+        raise UserError(
+            f'{key}.path "{source.path}" has files of unsupported type {", ".join(sorted(unknown))}; '
+            f"use {', '.join(LOCAL_BUILDERS)}."
+        )
+    if len({LOCAL_BUILDERS[s] for s in suffixes}) > 1:
+        raise UserError(f'{key}.path "{source.path}" mixes file types {", ".join(sorted(suffixes))}; give each type its own source.')
+    return files

@@ -1,0 +1,21 @@
+"""The one exception type users see.
+
+Anything raised as ``UserError`` is a problem with the user's input (config, data,
+files, impossible combinations). The CLI prints its message as one sentence and
+exits with status 2; every other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class UserError(Exception):
+    """A problem the user can fix; the message names the key or file and the fix."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """Return ' (did you mean "x"?)' for the closest choice, or '' when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f' (did you mean "{close[0]}"?)' if close else ""

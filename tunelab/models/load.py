@@ -1,0 +1,119 @@
+"""Load base models and tokenizers: hub ids, local folders, and tunelab's built-in tiny models.
+
+Hub ids and local folders go through the ordinary ``from_pretrained`` path.
+``builtin:<name>`` models are built by tunelab itself (no download) and cached
+under ``$TUNELAB_CACHE`` (default ``~/.cache/tunelab``), so configs and tests run
+on a machine that cannot reach a hub.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from tunelab.config.schema import ModelConfig
+from tunelab.errors import UserError, did_you_mean
+from tunelab.models import tiny
+
+BUILTIN_PREFIX = "builtin:"
+# name -> (cache folder, builder). The folder name carries a version: bump it when the
+# builder's output changes so stale caches are never reused.
+BUILTIN_MODELS = {"tiny-llama": ("tiny-llama-v1", tiny.build_tiny_model)}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab"))
+
+
+def check_model_reference(name_or_path: str) -> None:
+    """Fail early for a reference that cannot load: unknown built-in or missing local folder."""
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        name = name_or_path.removeprefix(BUILTIN_PREFIX)
+        if name not in BUILTIN_MODELS:
+            raise UserError(
+                f'model.name_or_path "{name_or_path}" is not a built-in model'
+                f"{did_you_mean(name, BUILTIN_MODELS)}; built-ins are: "
+                + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS) + "."
+            )
+        return
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f'model.name_or_path "{name_or_path}" is a local path without a config.json; '
+                "point it at a Hugging Face model folder."
+            )
+    elif _looks_like_local_path(name_or_path):
+        raise UserError(
+            f'model.name_or_path "{name_or_path}" does not exist; check the path '
+            "(or run the step that creates it first)."
+        )
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Return a path or hub id ``from_pretrained`` understands, building built-ins on first use."""
+    check_model_reference(name_or_path)
+    if not name_or_path.startswith(BUILTIN_PREFIX):
+        return str(Path(name_or_path).expanduser()) if Path(name_or_path).expanduser().exists() else name_or_path
+    folder, builder = BUILTIN_MODELS[name_or_path.removeprefix(BUILTIN_PREFIX)]
+    target = cache_dir() / "models" / folder
+    if not (target / "config.json").is_file():
+        builder(target)
+    return str(target)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """``auto`` is bf16 on a GPU that supports it, else fp32 (CPU bf16 training is slow and lossy)."""
+    if dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_tokenizer(model_config: ModelConfig) -> PreTrainedTokenizerBase:
+    path = resolve_model_path(model_config.name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, revision=model_config.revision, trust_remote_code=model_config.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise _load_error(model_config, "tokenizer", exc) from exc
+    if tokenizer.pad_token is None:
+        # Padding is masked out of the loss and attention, so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_config: ModelConfig) -> PreTrainedModel:
+    path = resolve_model_path(model_config.name_or_path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=resolve_dtype(model_config.dtype),
+            revision=model_config.revision,
+            trust_remote_code=model_config.trust_remote_code,
+            attn_implementation=model_config.attn_implementation,
+        )
+    except (OSError, ValueError) as exc:
+        raise _load_error(model_config, "model", exc) from exc
+
+
+def _load_error(model_config: ModelConfig, what: str, exc: Exception) -> UserError:
+    text = str(exc)
+    if "trust_remote_code" in text:
+        return UserError(
+            f'model.name_or_path "{model_config.name_or_path}" needs custom code from its repository; '
+            "set model.trust_remote_code: true if you trust it."
+        )
+    first = (text.strip().splitlines() or [type(exc).__name__])[0]
+    return UserError(
+        f'the {what} of model.name_or_path "{model_config.name_or_path}" could not be loaded ({first}); '
+        "check the hub id or local path (hub ids need network access or a filled HF cache)."
+    )
+
+
+def _looks_like_local_path(reference: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else with a path shape is a local path.
+    return reference.startswith((".", "/", "~")) or reference.count("/") > 1 or "\\" in reference

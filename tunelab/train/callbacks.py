@@ -1,0 +1,78 @@
+"""Trainer callbacks: the metrics.jsonl log and a concise console progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from tunelab.errors import UserError
+
+
+class MetricsLogger(TrainerCallback):
+    """Append one JSON object per logged step to ``metrics.jsonl`` and keep them for the summary.
+
+    ``tokens_per_s`` counts non-padding input tokens processed since the previous log,
+    divided by the wall time since then.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: list[dict] = []
+        self._last_time = time.perf_counter()
+        self._last_tokens = 0
+
+    def on_train_begin(self, args, state: TrainerState, control, **kwargs):
+        self._last_time = time.perf_counter()
+        self._last_tokens = state.num_input_tokens_seen
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        if not logs or "loss" not in logs or not state.is_world_process_zero:
+            return
+        now = time.perf_counter()
+        tokens = state.num_input_tokens_seen
+        record = {
+            "step": state.global_step,
+            "epoch": round(state.epoch or 0.0, 4),
+            "loss": logs["loss"],
+            "lr": logs.get("learning_rate"),
+            "grad_norm": logs.get("grad_norm"),
+            "tokens_per_s": (tokens - self._last_tokens) / max(now - self._last_time, 1e-9),
+        }
+        self._last_time, self._last_tokens = now, tokens
+        self.records.append(record)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if not math.isfinite(record["loss"]):
+            raise UserError(
+                f"the training loss became {record['loss']} at step {record['step']}; "
+                "lower training.learning_rate or check the data (the run was stopped)."
+            )
+
+
+class ConsoleProgress(TrainerCallback):
+    """One progress bar with the latest loss and learning rate; no per-step dict dumps."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def on_train_begin(self, args, state: TrainerState, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, args, state: TrainerState, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state: TrainerState, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

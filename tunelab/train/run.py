@@ -1,0 +1,201 @@
+"""The trainer core: one config in, one complete run directory out.
+
+Read top to bottom it is the whole run: data, model, recipe, metrics before,
+HF ``Trainer`` (under accelerate: accumulation, schedulers, checkpoints), metrics
+after, artifact, summary. Recipes change behaviour only through ``Recipe.build``
+and ``Recipe.callbacks``.
+
+Run directory::
+
+    config.yaml      fully resolved config (reloadable: tunelab train RUN/config.yaml)
+    metrics.jsonl    one JSON object per logged step
+    summary.json     final loss, eval before/after, wall time, tokens/s, memory, parameters
+    loss.png         the loss curve
+    adapter/ | model/  the trained artifact with its tokenizer
+    checkpoints/     Trainer checkpoints (resumable with --resume)
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import ProgressCallback, Trainer, TrainingArguments, set_seed
+
+from tunelab.config import Config, config_to_yaml
+from tunelab.data.collate import PadCollator
+from tunelab.data.encode import Splits, build_splits
+from tunelab.data.templates import apply_template_choice
+from tunelab.errors import UserError
+from tunelab.eval.heldout import exact_match, heldout_loss
+from tunelab.io import atomic_dir, atomic_write_text
+from tunelab.models.load import load_model, load_tokenizer
+from tunelab.recipes import get_recipe_class
+from tunelab.train.callbacks import ConsoleProgress, MetricsLogger
+from tunelab.train.report import write_loss_plot
+
+
+def train(
+    config: Config,
+    output_dir: str | Path | None = None,
+    max_steps: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> dict:
+    """Run ``config`` end to end and return the summary written to ``summary.json``."""
+    started = time.perf_counter()
+    run_dir = Path(output_dir or config.output_dir)
+    _prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
+    set_seed(config.training.seed)
+
+    tokenizer = load_tokenizer(config.model)
+    if any(source.format != "text" for source in config.data.datasets + config.data.eval_datasets):
+        apply_template_choice(tokenizer, config.data.chat_template)
+    splits = build_splits(config.data, tokenizer, config.training.seed)
+
+    recipe = get_recipe_class(config.recipe.name)(config.recipe)
+    model = recipe.build(load_model(config.model), config)
+    trainable, total = _count_parameters(model)
+    if trainable == 0:
+        raise UserError(f'recipe "{recipe.name}" left no trainable parameters; check recipe.target_modules and its options.')
+    print(f"tunelab: recipe {recipe.name}: {trainable:,} of {total:,} parameters trainable ({trainable / total:.2%}); "
+          f"{len(splits.train)} train / {len(splits.eval)} eval examples")
+
+    eval_before = _evaluate(model, tokenizer, splits, config) if config.eval.before_training else None
+    if eval_before:
+        print(f"tunelab: before training: {_describe(eval_before)}")
+
+    metrics = MetricsLogger(run_dir / "metrics.jsonl")
+    trainer = Trainer(
+        model=model,
+        args=_training_arguments(config, run_dir, max_steps),
+        train_dataset=splits.train,
+        data_collator=PadCollator(tokenizer.pad_token_id),
+        callbacks=[metrics, *recipe.callbacks(config)],
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ConsoleProgress())
+    trainer.train(resume_from_checkpoint=_last_checkpoint(run_dir) if resume else None)
+
+    eval_after = _evaluate(model, tokenizer, splits, config)
+    if eval_after:
+        print(f"tunelab: after training:  {_describe(eval_after)}")
+
+    with atomic_dir(run_dir / recipe.artifact) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+    summary = {
+        "recipe": recipe.name,
+        "model": config.model.name_or_path,
+        "steps": trainer.state.global_step,
+        "train_loss_first": metrics.records[0]["loss"] if metrics.records else None,
+        "train_loss_final": metrics.records[-1]["loss"] if metrics.records else None,
+        "eval_before": eval_before,
+        "eval_after": eval_after,
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "train_time_s": round(trainer.state.log_history[-1].get("train_runtime", 0.0), 2) if trainer.state.log_history else None,
+        "tokens_per_s": _mean_tokens_per_s(metrics.records),
+        "peak_memory_mb": _peak_memory_mb(),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "train_examples": len(splits.train),
+        "eval_examples": len(splits.eval),
+        "data": dict(splits.stats),
+        "artifact": recipe.artifact,
+    }
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_loss_plot(metrics.records, run_dir / "loss.png", title=f"{recipe.name} — {config.model.name_or_path}")
+    print(f"tunelab: run saved to {run_dir} ({recipe.artifact}/, summary.json, metrics.jsonl, loss.png)")
+    return summary
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    checkpoints = run_dir / "checkpoints"
+    if resume:
+        if _last_checkpoint(run_dir) is None:
+            raise UserError(f"--resume was given but {checkpoints} holds no checkpoint; drop --resume to start a new run.")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise UserError(
+                f"output directory {run_dir} already holds a run; pass --resume to continue it, "
+                "--overwrite to replace it, or choose another --output."
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _last_checkpoint(run_dir: Path) -> str | None:
+    found = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return str(found[-1]) if found else None
+
+
+def _training_arguments(config: Config, run_dir: Path, max_steps_cap: int | None) -> TrainingArguments:
+    t = config.training
+    max_steps = min(x for x in (t.max_steps, max_steps_cap) if x is not None) if (t.max_steps or max_steps_cap) else -1
+    return TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        seed=t.seed,
+        num_train_epochs=t.num_epochs,
+        max_steps=max_steps,
+        per_device_train_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio or t.warmup_steps,
+        weight_decay=t.weight_decay,
+        optim=t.optimizer,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        # No save_steps means one checkpoint, at the end (the Trainer always saves the final step).
+        save_steps=t.save_steps or 10**9,
+        save_total_limit=t.save_total_limit,
+        gradient_checkpointing=t.gradient_checkpointing,
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=False,
+    )
+
+
+def _evaluate(model: torch.nn.Module, tokenizer, splits: Splits, config: Config) -> dict | None:
+    if not splits.eval:
+        return None
+    examples = splits.eval[: config.eval.max_samples]
+    result = heldout_loss(model, examples, tokenizer.pad_token_id, config.eval.batch_size)
+    if config.eval.exact_match:
+        result |= exact_match(model, tokenizer, examples, config.eval.max_new_tokens, config.eval.batch_size)
+    return result
+
+
+def _describe(result: dict) -> str:
+    text = f"eval loss {result['loss']:.4f} (perplexity {result['perplexity']:.2f})"
+    if "exact_match" in result:
+        text += f", exact match {result['exact_match']:.1%} of {result['exact_match_n']}"
+    return text
+
+
+def _count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def _mean_tokens_per_s(records: list[dict]) -> float | None:
+    # The first logged interval includes start-up (compilation, allocator warm-up); skip it when possible.
+    rates = [r["tokens_per_s"] for r in records[1:] or records]
+    return round(sum(rates) / len(rates), 1) if rates else None
+
+
+def _peak_memory_mb() -> dict:
+    peak = {"rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        peak["cuda"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peak
