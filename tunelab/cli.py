@@ -67,9 +67,8 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from tunelab.models.tiny import build_tiny_model
 
-    path = build_tiny_model(
-        args.out_dir, hidden_size=args.hidden_size, num_layers=args.num_layers, vocab_size=args.vocab_size, seed=args.seed
-    )
+    sizes = {k: v for k, v in vars(args).items() if k in ("hidden_size", "num_layers", "vocab_size", "seed") and v is not None}
+    path = build_tiny_model(args.out_dir, **sizes)
     print(f"tunelab: tiny Llama model and tokenizer written to {path}")
     return 0
 
@@ -101,10 +100,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     tiny = verbs.add_parser("tiny-model", parents=[common], help="write a tiny Llama model + tokenizer folder")
     tiny.add_argument("out_dir")
-    tiny.add_argument("--hidden-size", type=_positive_int, default=128)
-    tiny.add_argument("--num-layers", type=_positive_int, default=4)
-    tiny.add_argument("--vocab-size", type=_positive_int, default=512)
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--hidden-size", type=_positive_int, help="default 128")
+    tiny.add_argument("--num-layers", type=_positive_int, help="default 2")
+    tiny.add_argument("--vocab-size", type=_positive_int, help="BPE vocabulary target, default 512")
+    tiny.add_argument("--seed", type=int, help="weight initialisation seed, default 0")
     tiny.set_defaults(handler=_cmd_tiny_model)
     return parser
 

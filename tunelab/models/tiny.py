@@ -55,10 +55,10 @@ def build_tiny_model(
     out_dir: str | Path,
     *,
     hidden_size: int = 128,
-    num_layers: int = 4,
+    num_layers: int = 2,
     num_heads: int = 4,
     num_kv_heads: int = 2,
-    intermediate_size: int = 384,
+    intermediate_size: int = 512,
     vocab_size: int = 512,
     max_position_embeddings: int = 512,
     seed: int = 0,
@@ -80,8 +80,9 @@ def build_tiny_model(
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    with torch.random.fork_rng():  # building a model must not move the caller's RNG
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
         eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)],
         pad_token_id=tokenizer.pad_token_id,

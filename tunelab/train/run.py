@@ -21,10 +21,11 @@ import json
 import resource
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import ProgressCallback, Trainer, TrainingArguments, set_seed
+from transformers import PreTrainedTokenizerBase, ProgressCallback, Trainer, TrainingArguments, set_seed
 
 from tunelab.config import Config, config_to_yaml
 from tunelab.data.collate import PadCollator
@@ -39,19 +40,26 @@ from tunelab.train.callbacks import ConsoleProgress, MetricsLogger
 from tunelab.train.report import write_loss_plot
 
 
+@dataclass
+class TrainResult:
+    run_dir: Path
+    summary: dict
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+
+
 def train(
     config: Config,
     output_dir: str | Path | None = None,
     max_steps: int | None = None,
     resume: bool = False,
     overwrite: bool = False,
-) -> dict:
-    """Run ``config`` end to end and return the summary written to ``summary.json``."""
+) -> TrainResult:
+    """Run ``config`` end to end; the summary is also written to ``summary.json``."""
     started = time.perf_counter()
     run_dir = Path(output_dir or config.output_dir)
     _prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
-    set_seed(config.training.seed)
 
     tokenizer = load_tokenizer(config.model)
     if any(source.format != "text" for source in config.data.datasets + config.data.eval_datasets):
@@ -59,7 +67,9 @@ def train(
     splits = build_splits(config.data, tokenizer, config.training.seed)
 
     recipe = get_recipe_class(config.recipe.name)(config.recipe)
-    model = recipe.build(load_model(config.model), config)
+    base = load_model(config.model)
+    set_seed(config.training.seed)  # after loading, so adapter init never depends on what loading drew
+    model = recipe.build(base, config)
     trainable, total = _count_parameters(model)
     if trainable == 0:
         raise UserError(f'recipe "{recipe.name}" left no trainable parameters; check recipe.target_modules and its options.')
@@ -85,6 +95,9 @@ def train(
     eval_after = _evaluate(model, tokenizer, splits, config)
     if eval_after:
         print(f"tunelab: after training:  {_describe(eval_after)}")
+    if eval_before and eval_after and "exact_match" in eval_after:
+        before, after = eval_before["exact_match"], eval_after["exact_match"]
+        print(f"tunelab: held-out exact match {before:.1%} -> {after:.1%} ({(after - before) * 100:+.1f} points)")
 
     with atomic_dir(run_dir / recipe.artifact) as staging:
         model.save_pretrained(staging)
@@ -112,7 +125,7 @@ def train(
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_loss_plot(metrics.records, run_dir / "loss.png", title=f"{recipe.name} — {config.model.name_or_path}")
     print(f"tunelab: run saved to {run_dir} ({recipe.artifact}/, summary.json, metrics.jsonl, loss.png)")
-    return summary
+    return TrainResult(run_dir, summary, model, tokenizer)
 
 
 def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:

@@ -1,0 +1,40 @@
+"""CLI verbs that need no training: recipes, tiny-model, python -m."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import run_cli
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+def test_recipes_lists_lora_and_full(capsys):
+    code, out, _ = run_cli(capsys, "recipes")
+    assert code == 0
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert {"lora", "full"} <= lines.keys()
+    assert "adapter" in lines["lora"] and "model" in lines["full"]
+
+
+def test_tiny_model_writes_a_loadable_hf_folder(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "tiny-model", str(tmp_path / "tiny"), "--hidden-size", "64", "--num-layers", "2")
+    assert code == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tiny")
+    assert model.config.model_type == "llama" and model.config.hidden_size == 64 and model.config.num_hidden_layers == 2
+    assert model.config.vocab_size == len(tokenizer)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    text = "What is 12 plus 30? 42"
+    assert tokenizer.decode(tokenizer(text).input_ids) == text  # byte-level BPE round-trips any text
+    assert "é" == tokenizer.decode(tokenizer("é").input_ids)
+
+
+def test_python_dash_m_runs_the_same_cli(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "tunelab", "validate", str(tmp_path / "missing.yaml")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"tunelab: error: config file {tmp_path / 'missing.yaml'} does not exist; check the path."
+    assert "Traceback" not in done.stderr
