@@ -96,3 +96,22 @@ def test_collator_pads_and_masks(tokenizer):
     assert batch["input_ids"].shape == batch["labels"].shape == (2, len(long.input_ids))
     assert batch["attention_mask"][0].tolist() == [1] * n + [0] * (len(long.input_ids) - n)
     assert batch["labels"][0, n:].eq(IGNORE_INDEX).all()
+
+
+def test_committed_quickstart_data_matches_its_generator(tmp_path):
+    from pathlib import Path
+
+    from tunelab.data.synthetic import write_quickstart_data
+
+    write_quickstart_data(tmp_path)
+    committed = Path(__file__).resolve().parents[1] / "configs" / "data" / "quickstart"
+    for name in ("pretrain.jsonl", "train.jsonl", "eval.jsonl"):
+        assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
+    eval_prompts = {json.loads(line)["prompt"] for line in (committed / "eval.jsonl").read_text().splitlines()}
+    train_prompts = {json.loads(line)["prompt"] for line in (committed / "train.jsonl").read_text().splitlines()}
+    assert len(eval_prompts) == 100 and not eval_prompts & train_prompts  # held out for real
+
+
+def test_builtin_tokenizer_splits_every_number_into_digits(tokenizer):
+    assert not [t for t in tokenizer.get_vocab() if sum(ch.isdigit() for ch in t) > 1]
+    assert tokenizer.tokenize("439,440") == ["4", "3", "9", ",", "4", "4", "0"]

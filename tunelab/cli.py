@@ -21,6 +21,8 @@ EXIT_USER_ERROR = 2
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args, extra = parser.parse_known_args(argv)
+    if not args.debug:
+        _quiet_libraries()
     # Overrides may follow options (`train c.yaml --output d lr=1`): argparse leaves them over.
     if extra and hasattr(args, "overrides") and not any(item.startswith("-") for item in extra):
         args.overrides += extra
@@ -36,6 +38,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tunelab: interrupted.", file=sys.stderr)
         return 130
+
+
+def _quiet_libraries() -> None:
+    """Keep the console to tunelab's own lines and one progress bar (``--debug`` keeps it all)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="(transformers|peft|torch)")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -4,9 +4,10 @@ The quickstart needs a base model that knows something and a skill it lacks:
 
 * ``counting_corpus``: plain text of consecutive numbers ("457,458,459,460"). The
   full fine-tuning recipe pretrains the tiny base on it, so the base learns to count.
-* ``next_number_chat``: the chat question 'Which number comes right after "457"?'
-  with answer "458". The base never saw the chat format; LoRA teaches it to use its
-  counting knowledge there. Held-out numbers measure the skill, not memorisation.
+* ``next_number_chat``: the chat question "What comes next after 439,440,441?" with
+  answer "442". The base never saw the chat format; LoRA on the attention layers
+  teaches it to use its counting knowledge there. Held-out numbers measure the skill,
+  not memorisation, and the same adapter on an untrained base stays far lower.
 
 Numbers are written so every number is a pure-digit pre-token, and the built-in
 tokenizer is trained on text without digits, so digits are always single tokens:
@@ -25,7 +26,7 @@ import sys
 from pathlib import Path
 
 MAX_NUMBER = 999
-NEXT_NUMBER_PROMPT = 'Which number comes right after "{n}"?'
+NEXT_NUMBER_PROMPT = "What comes next after {a},{b},{c}?"
 
 _PROSE = """\
 The quick brown fox jumps over the lazy dog while the cat sleeps in the sun.
@@ -56,10 +57,10 @@ def counting_corpus(rows: int = 2000, runs_per_row: int = 8, run_length: int = 4
 
 
 def next_number_chat(n_eval: int = 100, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Prompt/completion rows for every n in 0..998, split into (train, held-out eval)."""
-    numbers = list(range(MAX_NUMBER))
+    """Prompt/completion rows asking for n+1 after "n-2,n-1,n" for every n in 2..998, split (train, held-out)."""
+    numbers = list(range(2, MAX_NUMBER))
     random.Random(seed).shuffle(numbers)
-    rows = [{"prompt": NEXT_NUMBER_PROMPT.format(n=n), "completion": str(n + 1)} for n in numbers]
+    rows = [{"prompt": NEXT_NUMBER_PROMPT.format(a=n - 2, b=n - 1, c=n), "completion": str(n + 1)} for n in numbers]
     return rows[n_eval:], rows[:n_eval]
 
 
