@@ -11,6 +11,9 @@ STAMP  := $(VENV)/.installed
 # the multi-GB CUDA build). Override for GPUs, e.g. `make setup TORCH_SPEC='torch==2.13.0'`
 # with your CUDA index configured in pip.
 TORCH_SPEC ?= torch==2.13.0
+# Without an NVIDIA driver, ask PyTorch's CPU index first (PyPI's Linux torch wheel is the
+# CUDA build); wheels already on the machine (pip find-links) are still used.
+TORCH_INDEX ?= $(if $(shell command -v nvidia-smi),,https://download.pytorch.org/whl/cpu)
 
 .PHONY: setup quickstart test test-slow clean
 
@@ -19,12 +22,15 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test,quant,tracking]"
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" \
+	    $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) --extra-index-url https://pypi.org/simple --timeout 15 --retries 1)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-# The base model is pretrained once by the full fine-tuning recipe and reused afterwards.
-runs/quickstart-base/model/config.json: configs/quickstart-base.yaml | $(STAMP)
+# The base model is pretrained once by the full fine-tuning recipe and reused afterwards
+# (rebuilt when its config, its data or the tiny-model builder changes).
+runs/quickstart-base/model/config.json: configs/quickstart-base.yaml configs/data/quickstart/pretrain.jsonl \
+                                        tunelab/models/tiny.py tunelab/data/synthetic.py | $(STAMP)
 	$(BIN)/tunelab train configs/quickstart-base.yaml --overwrite
 
 quickstart: $(STAMP) runs/quickstart-base/model/config.json

@@ -9,7 +9,7 @@ defines a ``Recipe`` subclass decorated with ``@register``; nothing else changes
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from tunelab.config.schema import RecipeOptions
 
@@ -48,6 +48,10 @@ class Recipe:
 
         Runs in ``tunelab validate`` before any model loads.
         """
+
+    def load_kwargs(self, config: Config) -> dict[str, Any]:
+        """Extra ``from_pretrained`` arguments the method needs (e.g. a 4-bit quantization config)."""
+        return {}
 
     def build(self, model: torch.nn.Module, config: Config) -> torch.nn.Module:
         """Return the trainable model (e.g. wrapped in PEFT) built from the base."""

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 import torch
 from peft import LoraConfig, get_peft_model
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from tunelab.config.schema import Config, RecipeOptions
 from tunelab.errors import UserError
@@ -22,6 +23,16 @@ class LoraOptions(RecipeOptions):
     target_modules: str | Annotated[list[str], Field(min_length=1)] = "all-linear"
     bias: Literal["none", "all", "lora_only"] = "none"
     modules_to_save: list[str] | None = None
+
+    @field_validator("target_modules")
+    @classmethod
+    def _regex_compiles(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str) and value != "all-linear":
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{value!r} is neither 'all-linear' nor a valid regex ({exc}); fix the pattern") from None
+        return value
 
 
 @register

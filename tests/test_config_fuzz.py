@@ -17,7 +17,7 @@ KEYS = [
 ]
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-10, 10**6), st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from(["lora", "full", "builtin:tiny-llama", "auto", "text", "prompt_completion", "${model.name_or_path}", "${oc.env:NOPE}", "1e-4", "all-linear"]),
+    st.sampled_from(["lora", "full", "builtin:tiny-llama", "auto", "text", "prompt_completion", "${model.name_or_path}", "${oc.env:NOPE}", "1e-4", "all-linear", "~nouser/model", "./missing/model", "data/*.jsonl", "(", "[q_proj]"]),
     st.text(max_size=12),
 )
 keys = st.one_of(st.sampled_from(KEYS), st.text(max_size=8))
@@ -61,12 +61,18 @@ SECTION_PATHS = [("model",), ("recipe",), ("data",), ("data", "datasets", 0), ("
 
 
 def _edit(document: dict, section: tuple, key: str, value) -> dict:
+    """Set (or delete) ``key`` under ``section``; an edit whose section an earlier edit removed is skipped."""
     import copy
 
     edited = copy.deepcopy(document)
     node = edited
     for part in section:
-        node = node[part]
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return edited
+    if not isinstance(node, dict):
+        return edited
     if value == "<delete>":
         node.pop(key, None)
     else:

@@ -12,6 +12,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 from tunelab.errors import UserError
 
@@ -33,7 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"tunelab: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():
+            print(f"tunelab: error: {line}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("tunelab: interrupted.", file=sys.stderr)
@@ -56,7 +58,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tunelab.train.run import train
 
     config = load_config(args.config, args.overrides)
-    train(config, output_dir=args.output, max_steps=args.max_steps, resume=args.resume, overwrite=args.overwrite)
+    output = args.output or config.output_dir or f"runs/{Path(args.config).stem}"
+    train(config, output_dir=output, max_steps=args.max_steps, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -80,6 +83,9 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from tunelab.models.tiny import build_tiny_model
 
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"{out_dir} already exists and is not an empty folder; choose a new OUT_DIR.")
     sizes = {k: v for k, v in vars(args).items() if k in ("hidden_size", "num_layers", "vocab_size", "seed") and v is not None}
     path = build_tiny_model(args.out_dir, **sizes)
     print(f"tunelab: tiny Llama model and tokenizer written to {path}")
@@ -91,13 +97,13 @@ def _build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
 
     parser = argparse.ArgumentParser(prog="tunelab", description=__doc__.splitlines()[0], parents=[common])
-    parser.set_defaults(debug=bool(os.environ.get("TUNELAB_DEBUG")))
+    parser.set_defaults(debug=os.environ.get("TUNELAB_DEBUG", "0") not in ("", "0", "false", "no"))
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     train = verbs.add_parser("train", parents=[common], help="train a model from a YAML config")
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="OmegaConf dotlist overrides")
-    train.add_argument("--output", help="run directory (default: the config's output_dir)")
+    train.add_argument("--output", help="run directory (default: the config's output_dir, else runs/<config name>)")
     train.add_argument("--max-steps", type=_positive_int, help="cap on optimizer steps")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")

@@ -15,6 +15,11 @@ class UserError(Exception):
     """A problem the user can fix; the message names the key or file and the fix."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, for quoting a library error in one sentence."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Return ' (did you mean "x"?)' for the closest choice, or '' when none is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

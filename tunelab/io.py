@@ -15,12 +15,32 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def expand_path(reference: str) -> Path:
+    """``Path(reference).expanduser()``, leaving an unknown ``~user`` as written instead of raising."""
+    try:
+        return Path(reference).expanduser()
+    except RuntimeError:
+        return Path(reference)
+
+
+def looks_like_local_path(reference: str) -> bool:
+    """Hub ids are "name" or "org/name"; anything else with a path shape is a local path."""
+    return reference.startswith((".", "/", "~")) or reference.count("/") > 1 or "\\" in reference
+
+
+def _umask_mode(mode: int) -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield an empty staging folder; on success it replaces ``target`` in one rename."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging.chmod(_umask_mode(0o777))  # mkdtemp makes owner-only folders; artifacts are shared
     try:
         yield staging
         if target.exists():
@@ -42,6 +62,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        os.chmod(tmp, _umask_mode(0o666))  # mkstemp makes owner-only files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

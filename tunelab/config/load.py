@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ValidationError
 
 from tunelab.config.schema import Config, RecipeOptions
-from tunelab.errors import UserError, did_you_mean
+from tunelab.errors import UserError, did_you_mean, first_line
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
@@ -87,7 +87,7 @@ def _read_resolved(path: Path, overrides: Sequence[str]) -> Any:
     except OSError as exc:  # OmegaConf's answer to a scalar document such as "true"
         raise UserError(f"config file {path} must be a mapping of keys at the top level; see configs/ for examples.") from exc
     except (OmegaConfBaseException, UnicodeDecodeError, ValueError) as exc:
-        raise UserError(f"config file {path} could not be read: {_first_line(exc)}.") from exc
+        raise UserError(f"config file {path} could not be read: {first_line(exc)}.") from exc
     if not isinstance(cfg, DictConfig):
         raise UserError(f"config file {path} must be a mapping of keys at the top level; see configs/ for examples.")
     for item in overrides:
@@ -98,18 +98,18 @@ def _read_resolved(path: Path, overrides: Sequence[str]) -> Any:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_container(cfg, resolve=True)
     except (OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError) as exc:
-        raise UserError(f"config {path} could not be resolved with its overrides: {_first_line(exc)}.") from exc
+        raise UserError(f"config {path} could not be resolved with its overrides: {first_line(exc)}.") from exc
 
 
 def _check_inputs(config: Config) -> None:
     """Input paths that must exist before training (model folder, local data files)."""
-    from tunelab.data.sources import check_source
+    from tunelab.data.sources import local_files
     from tunelab.models.load import check_model_reference
 
     check_model_reference(config.model.name_or_path)
     for key, sources in (("data.datasets", config.data.datasets), ("data.eval_datasets", config.data.eval_datasets)):
         for index, source in enumerate(sources):
-            check_source(source, key=f"{key}[{index}]")
+            local_files(source, key=f"{key}[{index}]")
 
 
 # ---- pydantic errors -> one sentence each -------------------------------------------
@@ -172,7 +172,3 @@ def _dotted(loc: tuple) -> str:
 def _sentence(text: str) -> str:
     text = text.strip()
     return text if text.endswith(".") else text + "."
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")

@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, model_validator
 
+from tunelab.data.templates import TEMPLATES
+
 
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are immutable."""
@@ -54,7 +56,7 @@ class DataConfig(Section):
     max_length: Annotated[int, Field(ge=8)] = 512
     overlong: Literal["truncate", "drop", "error"] = "truncate"
     train_on_inputs: bool = False
-    chat_template: str | None = Field(
+    chat_template: Literal[tuple(TEMPLATES)] | None = Field(  # type: ignore[valid-type]
         default=None,
         description="None uses the tokenizer's own template; a built-in name ('chatml') replaces it.",
     )
@@ -112,5 +114,5 @@ class Config(Section):
     data: DataConfig
     training: TrainingConfig = TrainingConfig()
     eval: EvalConfig = EvalConfig()
-    output_dir: str = "runs/default"
+    output_dir: str | None = Field(default=None, description="Run directory; the CLI defaults it to runs/<config name>.")
 

@@ -10,13 +10,11 @@ from tunelab.data.encode import IGNORE_INDEX, Encoded
 
 
 class PadCollator:
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1):
+    def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, batch: Sequence[Encoded]) -> dict[str, torch.Tensor]:
-        longest = max(len(item.input_ids) for item in batch)
-        width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        width = max(len(item.input_ids) for item in batch)
         input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)

@@ -12,20 +12,16 @@ from pathlib import Path
 import datasets
 
 from tunelab.config.schema import DatasetSource
-from tunelab.errors import UserError
+from tunelab.errors import UserError, first_line
+from tunelab.io import expand_path, looks_like_local_path
 
 # file suffix -> datasets builder
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
-def check_source(source: DatasetSource, key: str) -> None:
-    """Raise ``UserError`` if a local source is missing, empty or of an unknown type."""
-    _local_files(source, key)
-
-
 def load_source(source: DatasetSource, key: str) -> datasets.Dataset:
     """Load one source as a ``datasets.Dataset`` (capped at ``max_samples`` rows)."""
-    files = _local_files(source, key)
+    files = local_files(source, key)
     try:
         if files is not None:
             builder = LOCAL_BUILDERS[files[0].suffix]
@@ -35,8 +31,7 @@ def load_source(source: DatasetSource, key: str) -> datasets.Dataset:
                 source.path, name=source.name, split=source.split, data_files=source.data_files
             )
     except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f'{key}.path "{source.path}" could not be loaded ({first}); check the file or dataset id.') from exc
+        raise UserError(f'{key}.path "{source.path}" could not be loaded ({first_line(exc)}); check the file or dataset id.') from exc
     if source.max_samples is not None:
         dataset = dataset.select(range(min(source.max_samples, len(dataset))))
     if len(dataset) == 0:
@@ -44,16 +39,20 @@ def load_source(source: DatasetSource, key: str) -> datasets.Dataset:
     return dataset
 
 
-def _local_files(source: DatasetSource, key: str) -> list[Path] | None:
-    """The local files a source names, or None when it is a hub dataset id."""
-    path = Path(source.path).expanduser()
+def local_files(source: DatasetSource, key: str) -> list[Path] | None:
+    """The local files a source names, or None for a hub dataset id.
+
+    Raises ``UserError`` when a local source is missing, empty or of an unknown type,
+    so ``tunelab validate`` catches it before any model loads.
+    """
+    path = expand_path(source.path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_BUILDERS and p.is_file())
     elif any(ch in source.path for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
     elif path.is_file():
         files = [path]
-    elif path.suffix in LOCAL_BUILDERS or source.path.startswith((".", "/", "~")) or source.path.count("/") > 1:
+    elif path.suffix in LOCAL_BUILDERS or looks_like_local_path(source.path):
         raise UserError(f'{key}.path "{source.path}" does not exist; check the path.')
     else:
         return None  # a hub dataset id such as "tatsu-lab/alpaca"

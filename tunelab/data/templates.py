@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
-from tunelab.errors import UserError, did_you_mean
+from tunelab.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 CHATML = (
     "{% for message in messages %}"
@@ -19,14 +22,10 @@ TEMPLATES = {"chatml": CHATML}
 def apply_template_choice(tokenizer: PreTrainedTokenizerBase, name: str | None) -> None:
     """Set the chat template used for training (and saved with the tokenizer).
 
-    ``None`` keeps the tokenizer's own template, which must then exist.
+    ``None`` keeps the tokenizer's own template, which must then exist. Names are
+    checked by the config schema, so ``name`` is always a key of ``TEMPLATES``.
     """
     if name is not None:
-        if name not in TEMPLATES:
-            raise UserError(
-                f'data.chat_template "{name}" is not a built-in template{did_you_mean(name, TEMPLATES)}; '
-                f"choose one of {', '.join(TEMPLATES)} or leave it unset to use the tokenizer's own."
-            )
         tokenizer.chat_template = TEMPLATES[name]
     elif not tokenizer.chat_template:
         raise UserError(

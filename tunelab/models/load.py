@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.config.schema import ModelConfig
-from tunelab.errors import UserError, did_you_mean
+from tunelab.errors import UserError, did_you_mean, first_line
+from tunelab.io import expand_path, looks_like_local_path
 from tunelab.models import tiny
 
 BUILTIN_PREFIX = "builtin:"
@@ -39,14 +41,14 @@ def check_model_reference(name_or_path: str) -> None:
                 + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS) + "."
             )
         return
-    path = Path(name_or_path).expanduser()
+    path = expand_path(name_or_path)
     if path.exists():
         if not (path / "config.json").is_file():
             raise UserError(
                 f'model.name_or_path "{name_or_path}" is a local path without a config.json; '
                 "point it at a Hugging Face model folder."
             )
-    elif _looks_like_local_path(name_or_path):
+    elif looks_like_local_path(name_or_path):
         raise UserError(
             f'model.name_or_path "{name_or_path}" does not exist; check the path '
             "(or run the step that creates it first)."
@@ -57,7 +59,8 @@ def resolve_model_path(name_or_path: str) -> str:
     """Return a path or hub id ``from_pretrained`` understands, building built-ins on first use."""
     check_model_reference(name_or_path)
     if not name_or_path.startswith(BUILTIN_PREFIX):
-        return str(Path(name_or_path).expanduser()) if Path(name_or_path).expanduser().exists() else name_or_path
+        local = expand_path(name_or_path)
+        return str(local) if local.exists() else name_or_path
     folder, builder = BUILTIN_MODELS[name_or_path.removeprefix(BUILTIN_PREFIX)]
     target = cache_dir() / "models" / folder
     if not (target / "config.json").is_file():
@@ -86,7 +89,8 @@ def load_tokenizer(model_config: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(model_config: ModelConfig) -> PreTrainedModel:
+def load_model(model_config: ModelConfig, **recipe_kwargs: Any) -> PreTrainedModel:
+    """Load the base model; ``recipe_kwargs`` (e.g. a quantization config) come from the recipe."""
     path = resolve_model_path(model_config.name_or_path)
     try:
         return AutoModelForCausalLM.from_pretrained(
@@ -95,7 +99,13 @@ def load_model(model_config: ModelConfig) -> PreTrainedModel:
             revision=model_config.revision,
             trust_remote_code=model_config.trust_remote_code,
             attn_implementation=model_config.attn_implementation,
+            **recipe_kwargs,
         )
+    except ImportError as exc:  # e.g. flash_attention_2 without the flash-attn package
+        raise UserError(
+            f"loading {model_config.name_or_path} needs a package that is not installed ({first_line(exc)}); "
+            "install it or change model.attn_implementation."
+        ) from exc
     except (OSError, ValueError) as exc:
         raise _load_error(model_config, "model", exc) from exc
 
@@ -107,13 +117,7 @@ def _load_error(model_config: ModelConfig, what: str, exc: Exception) -> UserErr
             f'model.name_or_path "{model_config.name_or_path}" needs custom code from its repository; '
             "set model.trust_remote_code: true if you trust it."
         )
-    first = (text.strip().splitlines() or [type(exc).__name__])[0]
     return UserError(
-        f'the {what} of model.name_or_path "{model_config.name_or_path}" could not be loaded ({first}); '
+        f'the {what} of model.name_or_path "{model_config.name_or_path}" could not be loaded ({first_line(exc)}); '
         "check the hub id or local path (hub ids need network access or a filled HF cache)."
     )
-
-
-def _looks_like_local_path(reference: str) -> bool:
-    # Hub ids are "name" or "org/name"; anything else with a path shape is a local path.
-    return reference.startswith((".", "/", "~")) or reference.count("/") > 1 or "\\" in reference

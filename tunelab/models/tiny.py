@@ -16,6 +16,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from tunelab.data.synthetic import tokenizer_corpus
 from tunelab.data.templates import CHATML
 from tunelab.io import atomic_dir
 
@@ -44,13 +45,6 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokeniz
     return fast
 
 
-def default_corpus() -> list[str]:
-    """Text the built-in tokenizer is trained on: the quickstart tasks plus plain prose."""
-    from tunelab.data import synthetic
-
-    return synthetic.tokenizer_corpus()
-
-
 def build_tiny_model(
     out_dir: str | Path,
     *,
@@ -66,7 +60,7 @@ def build_tiny_model(
 ) -> Path:
     """Write a randomly initialised tiny Llama and its tokenizer to ``out_dir`` (atomically)."""
     out_dir = Path(out_dir)
-    tokenizer = train_tokenizer(corpus if corpus is not None else default_corpus(), vocab_size)
+    tokenizer = train_tokenizer(corpus if corpus is not None else tokenizer_corpus(), vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

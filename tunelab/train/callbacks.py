@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from tunelab.errors import UserError
+from tunelab.io import atomic_write_text
 
 
 class MetricsLogger(TrainerCallback):
@@ -20,9 +21,15 @@ class MetricsLogger(TrainerCallback):
     divided by the wall time since then.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, resume_step: int | None = None):
+        """With ``resume_step``, keep the records up to that checkpoint and drop later ones
+        (they are about to be recomputed), so the log never holds a step twice."""
         self.path = path
         self.records: list[dict] = []
+        if resume_step is not None and path.exists():
+            kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            self.records = [r for r in kept if r["step"] <= resume_step]
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
         self._last_time = time.perf_counter()
         self._last_tokens = 0
 

@@ -18,6 +18,8 @@ Run directory::
 from __future__ import annotations
 
 import json
+import math
+import os
 import resource
 import shutil
 import time
@@ -57,17 +59,22 @@ def train(
 ) -> TrainResult:
     """Run ``config`` end to end; the summary is also written to ``summary.json``."""
     started = time.perf_counter()
+    if not (output_dir or config.output_dir):
+        raise UserError("no run directory: set output_dir in the config or pass --output.")
     run_dir = Path(output_dir or config.output_dir)
     _prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
 
     tokenizer = load_tokenizer(config.model)
     if any(source.format != "text" for source in config.data.datasets + config.data.eval_datasets):
         apply_template_choice(tokenizer, config.data.chat_template)
     splits = build_splits(config.data, tokenizer, config.training.seed)
+    # The saved config records what this run really did: its folder and its step count,
+    # so `tunelab train RUN/config.yaml` reproduces it even when CLI flags shaped it.
+    config = _effective_config(config, run_dir, len(splits.train), max_steps)
+    atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
 
     recipe = get_recipe_class(config.recipe.name)(config.recipe)
-    base = load_model(config.model)
+    base = load_model(config.model, **recipe.load_kwargs(config))
     set_seed(config.training.seed)  # after loading, so adapter init never depends on what loading drew
     model = recipe.build(base, config)
     trainable, total = _count_parameters(model)
@@ -76,21 +83,23 @@ def train(
     print(f"tunelab: recipe {recipe.name}: {trainable:,} of {total:,} parameters trainable ({trainable / total:.2%}); "
           f"{len(splits.train)} train / {len(splits.eval)} eval examples")
 
-    eval_before = _evaluate(model, tokenizer, splits, config) if config.eval.before_training else None
-    if eval_before:
-        print(f"tunelab: before training: {_describe(eval_before)}")
-
-    metrics = MetricsLogger(run_dir / "metrics.jsonl")
+    checkpoint = _last_checkpoint(run_dir) if resume else None
+    metrics = MetricsLogger(run_dir / "metrics.jsonl", resume_step=_checkpoint_step(checkpoint))
     trainer = Trainer(
         model=model,
-        args=_training_arguments(config, run_dir, max_steps),
+        args=_training_arguments(config, run_dir),
         train_dataset=splits.train,
         data_collator=PadCollator(tokenizer.pad_token_id),
         callbacks=[metrics, *recipe.callbacks(config)],
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ConsoleProgress())
-    trainer.train(resume_from_checkpoint=_last_checkpoint(run_dir) if resume else None)
+
+    # Measured after the Trainer has placed the model on its device.
+    eval_before = _evaluate(model, tokenizer, splits, config) if config.eval.before_training else None
+    if eval_before:
+        print(f"tunelab: before training: {_describe(eval_before)}")
+    trainer.train(resume_from_checkpoint=checkpoint)
 
     eval_after = _evaluate(model, tokenizer, splits, config)
     if eval_after:
@@ -129,19 +138,25 @@ def train(
 
 
 def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    checkpoints = run_dir / "checkpoints"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output directory {run_dir} is a file; choose another --output.")
     if resume:
         if _last_checkpoint(run_dir) is None:
-            raise UserError(f"--resume was given but {checkpoints} holds no checkpoint; drop --resume to start a new run.")
-        return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
             raise UserError(
-                f"output directory {run_dir} already holds a run; pass --resume to continue it, "
-                "--overwrite to replace it, or choose another --output."
+                f"--resume was given but {run_dir / 'checkpoints'} holds no checkpoint; drop --resume to start a new run."
             )
+        return
+    # A folder "holds a run" once it has a checkpoint or a summary; leftovers of a run that
+    # failed before either (e.g. a config error found while loading data) are simply replaced.
+    holds_run = (run_dir / "summary.json").exists() or _last_checkpoint(run_dir) is not None
+    if holds_run and not overwrite:
+        raise UserError(
+            f"output directory {run_dir} already holds a run; pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --output."
+        )
+    if run_dir.exists():
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True)
 
 
 def _last_checkpoint(run_dir: Path) -> str | None:
@@ -149,14 +164,28 @@ def _last_checkpoint(run_dir: Path) -> str | None:
     return str(found[-1]) if found else None
 
 
-def _training_arguments(config: Config, run_dir: Path, max_steps_cap: int | None) -> TrainingArguments:
+def _checkpoint_step(checkpoint: str | None) -> int | None:
+    return int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else None
+
+
+def _effective_config(config: Config, run_dir: Path, n_train: int, max_steps_cap: int | None) -> Config:
+    """Fix the run folder and the optimizer-step count (epochs or max_steps, capped by --max-steps)."""
     t = config.training
-    max_steps = min(x for x in (t.max_steps, max_steps_cap) if x is not None) if (t.max_steps or max_steps_cap) else -1
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    batches_per_epoch = math.ceil(n_train / (t.micro_batch_size * world_size))
+    steps = t.max_steps or math.ceil(t.num_epochs * math.ceil(batches_per_epoch / t.gradient_accumulation_steps))
+    if max_steps_cap is not None:
+        steps = min(steps, max_steps_cap)
+    training = t.model_copy(update={"max_steps": steps})
+    return config.model_copy(update={"training": training, "output_dir": str(run_dir)})
+
+
+def _training_arguments(config: Config, run_dir: Path) -> TrainingArguments:
+    t = config.training
     return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         seed=t.seed,
-        num_train_epochs=t.num_epochs,
-        max_steps=max_steps,
+        max_steps=t.max_steps,  # always set: _effective_config turned epochs into steps
         per_device_train_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
