@@ -38,3 +38,11 @@ def test_python_dash_m_runs_the_same_cli(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip() == f"tunelab: error: config file {tmp_path / 'missing.yaml'} does not exist; check the path."
     assert "Traceback" not in done.stderr
+
+
+def test_tiny_model_never_overwrites_an_existing_folder(capsys, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "tiny-model", str(tmp_path / "taken"))
+    assert code == 2 and "already exists and is not an empty folder" in err
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"

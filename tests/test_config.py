@@ -161,3 +161,61 @@ def test_resolved_config_round_trips(tmp_path, base_yaml):
     again = parse_config(__import__("yaml").safe_load(config_to_yaml(config)))
     assert again == config
     assert again.recipe.alpha == 16.0  # defaults are written out, not left implicit
+
+
+def test_scalar_and_undecodable_documents(capsys, tmp_path):
+    code, output = validate(capsys, tmp_path, "true\n")
+    assert code == 2 and "must be a mapping of keys at the top level" in output
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"\xff\xfe\x00model")
+    code, _, err = run_cli(capsys, "validate", str(path))
+    assert code == 2 and f"config file {path} could not be read" in err
+
+
+def test_model_folder_without_config_json(capsys, tmp_path, base_yaml, tiny_model_dir):
+    (tmp_path / "empty-model").mkdir()
+    code, output = validate(capsys, tmp_path, base_yaml.replace(str(tiny_model_dir), str(tmp_path / "empty-model")))
+    assert code == 2
+    assert "is a local path without a config.json; point it at a Hugging Face model folder." in output
+
+
+def test_unknown_user_home_is_a_clear_error(capsys, tmp_path, base_yaml, tiny_model_dir):
+    code, output = validate(capsys, tmp_path, base_yaml.replace(str(tiny_model_dir), "~nosuchuser/model"))
+    assert code == 2
+    assert 'model.name_or_path "~nosuchuser/model" does not exist; check the path' in output
+
+
+@pytest.mark.parametrize(
+    ("files", "pattern", "expected"),
+    [
+        ([], "folder", "matches no data file"),
+        (["a.xml"], "folder", "matches no data file"),
+        (["a.jsonl", "b.csv"], "folder", "mixes file types .csv, .jsonl; give each type its own source."),
+        (["a.jsonl"], "*.csv", "matches no data file"),
+    ],
+)
+def test_data_folder_and_glob_errors(capsys, tmp_path, base_yaml, addition_jsonl, files, pattern, expected):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in files:
+        (folder / name).write_text("{}\n")
+    target = folder if pattern == "folder" else folder / pattern
+    code, output = validate(capsys, tmp_path, base_yaml.replace(str(addition_jsonl), str(target)))
+    assert code == 2
+    assert f'data.datasets[0].path "{target}"' in output and expected in output
+
+
+def test_bad_regex_and_unknown_chat_template(capsys, tmp_path, base_yaml):
+    code, output = validate(capsys, tmp_path, base_yaml, "recipe.target_modules=(")
+    assert code == 2
+    assert "\"recipe.target_modules\": '(' is neither 'all-linear' nor a valid regex" in output
+    code, output = validate(capsys, tmp_path, base_yaml, "data.chat_template=chatm")
+    assert code == 2
+    assert "\"data.chat_template\": input should be 'chatml', got 'chatm'." in output
+
+
+def test_every_error_line_is_prefixed(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "validate", str(write_config(tmp_path, "recipe: lora\n")))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("tunelab: error: ") for line in lines)

@@ -134,3 +134,34 @@ def test_resume_continues_from_the_last_checkpoint(capsys, tmp_path, addition_js
     assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
     assert losses[3] < losses[0]
+
+
+def test_max_steps_caps_an_epoch_run_and_is_saved(capsys, tmp_path, addition_jsonl):
+    # 180 train rows / micro-batch 8 = 23 steps per epoch; --max-steps only ever lowers that.
+    text = lora_yaml(addition_jsonl, tmp_path / "run").replace("max_steps: 6, ", "num_epochs: 1, ")
+    path = write_config(tmp_path, text)
+    code, _, err = run_cli(capsys, "train", str(path), "--max-steps", "1000", "--output", str(tmp_path / "a"), "eval.before_training=false")
+    assert code == 0, err
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["steps"] == 23
+    code, _, err = run_cli(capsys, "train", str(path), "--max-steps", "2", "--output", str(tmp_path / "b"), "eval.before_training=false")
+    assert code == 0, err
+    saved = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())
+    assert saved["training"]["max_steps"] == 2 and saved["output_dir"] == str(tmp_path / "b")
+
+
+def test_overwrite_replaces_a_finished_run_and_failed_runs_do_not_block(capsys, tmp_path, addition_jsonl):
+    path = write_config(tmp_path, lora_yaml(addition_jsonl, tmp_path / "run"))
+    assert run_cli(capsys, "train", str(path), "--max-steps", "1")[0] == 0
+    code, _, err = run_cli(capsys, "train", str(path), "--max-steps", "2", "--overwrite")
+    assert code == 0, err
+    assert len(logged_losses(tmp_path / "run")) == 2
+    # A run that fails before its first checkpoint leaves nothing that blocks the next attempt.
+    code, _, err = run_cli(capsys, "train", str(path), "--output", str(tmp_path / "failed"), "recipe.target_modules=[nope]")
+    assert code == 2 and "matched no module" in err
+    assert run_cli(capsys, "train", str(path), "--output", str(tmp_path / "failed"), "--max-steps", "1")[0] == 0
+
+
+def test_output_that_is_a_file_is_refused(capsys, tmp_path, addition_jsonl):
+    (tmp_path / "file").write_text("x")
+    code, _, err = run_cli(capsys, "train", str(write_config(tmp_path, lora_yaml(addition_jsonl, tmp_path / "file"))))
+    assert code == 2 and "is a file; choose another --output" in err
