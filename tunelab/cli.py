@@ -96,7 +96,7 @@ def _build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
 
-    parser = argparse.ArgumentParser(prog="tunelab", description=__doc__.splitlines()[0], parents=[common])
+    parser = argparse.ArgumentParser(prog="tunelab", description="Fine-tuning recipe runner for LLMs.", parents=[common])
     parser.set_defaults(debug=os.environ.get("TUNELAB_DEBUG", "0") not in ("", "0", "false", "no"))
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
