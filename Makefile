@@ -7,9 +7,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# On machines without CUDA this pin resolves to the CPU wheel (a bare `torch` would pull
-# the multi-GB CUDA build). Override for GPUs, e.g. `make setup TORCH_SPEC='torch==2.13.0'`
-# with your CUDA index configured in pip.
+# The torch release to install before the project (a bare `torch` dependency would
+# otherwise be resolved by pip from PyPI, which on Linux means the multi-GB CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 # Without an NVIDIA driver, ask PyTorch's CPU index first (PyPI's Linux torch wheel is the
 # CUDA build); wheels already on the machine (pip find-links) are still used.

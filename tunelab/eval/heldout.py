@@ -6,8 +6,9 @@ plain numbers what fine-tuning changed.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -16,23 +17,31 @@ from tunelab.data.collate import PadCollator
 from tunelab.data.encode import IGNORE_INDEX, Encoded
 
 
+@contextlib.contextmanager
+def _inference(model: torch.nn.Module) -> Iterator[torch.device]:
+    """Eval mode for the block (restored afterwards, also on errors); yields the model's device."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield next(model.parameters()).device
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def heldout_loss(model: torch.nn.Module, examples: Sequence[Encoded], pad_token_id: int, batch_size: int) -> dict:
     """Mean cross-entropy over every trained (label != -100) token, and its perplexity."""
-    was_training = model.training
-    model.eval()
     collate = PadCollator(pad_token_id)
-    device = next(model.parameters()).device
     total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        targets = batch["labels"][:, 1:]
-        total += torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        ).item()
-        count += int((targets != IGNORE_INDEX).sum())
-    model.train(was_training)
+    with _inference(model) as device:
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            targets = batch["labels"][:, 1:]
+            total += torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            ).item()
+            count += int((targets != IGNORE_INDEX).sum())
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
@@ -61,23 +70,17 @@ def exact_match(
     pairs = [(e.prompt, e.answer) for e in examples if e.prompt is not None and e.answer is not None]
     if not pairs:
         return {}
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     stops = stop_token_ids(model, tokenizer)
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues from the right end of every row
     correct, samples = 0, []
-    try:
+    with _inference(model) as device:
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
-            batch = tokenizer([p for p, _ in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            # Left padding: generation continues from the right end of every row.
+            batch = tokenizer(
+                [p for p, _ in chunk], return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+            ).to(device)
             output = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=stops,
-                pad_token_id=tokenizer.pad_token_id,
+                **batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id
             )
             texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
             for (prompt, answer), text in zip(chunk, texts, strict=True):
@@ -85,7 +88,4 @@ def exact_match(
                 correct += hit
                 if len(samples) < 5:
                     samples.append({"prompt": prompt, "expected": answer, "generated": text.strip(), "correct": hit})
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
     return {"exact_match": correct / len(pairs), "exact_match_n": len(pairs), "samples": samples}
