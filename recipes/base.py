@@ -9,6 +9,7 @@ defines a ``Recipe`` subclass decorated with ``@register``; nothing else changes
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from tunelab.config.schema import RecipeOptions
@@ -36,9 +37,14 @@ class Recipe:
     name: ClassVar[str]
     description: ClassVar[str]
     Options: ClassVar[type[RecipeOptions]]
-    # "adapter": only the PEFT adapter is saved (RUN_DIR/adapter);
+    # "adapter": only the trained weights are saved (RUN_DIR/adapter);
     # "model": the whole trained model is saved (RUN_DIR/model).
     artifact: ClassVar[Literal["adapter", "model"]]
+    # Whether the result can be folded into the base weights (no extra inference cost).
+    mergeable: ClassVar[bool]
+    # Share of parameters trained with the default options, on a Llama-3-8B-shaped model
+    # (for `tunelab recipes`; the exact count of a run is printed and saved in summary.json).
+    typical_trainable: ClassVar[str]
 
     def __init__(self, options: RecipeOptions):
         self.options = options
@@ -58,5 +64,27 @@ class Recipe:
         raise NotImplementedError
 
     def callbacks(self, config: Config) -> list[TrainerCallback]:
-        """Extra trainer hooks the method needs (schedules, penalties); none by default."""
+        """Extra trainer hooks the method needs (e.g. a rank schedule after each optimizer step)."""
         return []
+
+    def loss_terms(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Weighted regularisers added to the language-model loss of the batch just run.
+
+        Called by the trainer right after the forward pass; each term is optimized and
+        logged under its name. None by default.
+        """
+        return {}
+
+    def log_metrics(self, model: torch.nn.Module) -> dict[str, float]:
+        """Values written with the loss at every logging step (e.g. rank budget, gate statistics)."""
+        return {}
+
+    def save(self, model: torch.nn.Module, directory: Path) -> None:
+        """Write the trained artifact into ``directory`` (an empty staging folder)."""
+        model.save_pretrained(directory)
+
+    def load_artifact(self, base: torch.nn.Module, directory: Path) -> torch.nn.Module:
+        """Rebuild the trained model from the base and what ``save`` wrote (PEFT adapters by default)."""
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, directory)

@@ -1,4 +1,8 @@
-"""Full fine-tuning: every weight of the base model is trained."""
+"""Full fine-tuning: every weight of the base model is trained.
+
+Memory-lean optimizers from bitsandbytes are picked with ``training.optimizer``
+(``adamw_bnb_8bit`` everywhere, ``paged_adamw_8bit``/``paged_adamw_32bit`` on CUDA).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ class Full(Recipe):
     description = "Train every weight; the result is a complete model."
     Options = FullOptions
     artifact = "model"
+    mergeable = False  # nothing to merge: the artifact already is the whole model
+    typical_trainable = "100%"
 
     def build(self, model: torch.nn.Module, config: Config) -> torch.nn.Module:
         model.requires_grad_(True)

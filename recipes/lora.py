@@ -6,7 +6,7 @@ import re
 from typing import Annotated, Literal
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftConfig, get_peft_model
 from pydantic import Field, field_validator
 
 from tunelab.config.schema import Config, RecipeOptions
@@ -15,14 +15,12 @@ from tunelab.errors import UserError
 from .base import Recipe, register
 
 
-class LoraOptions(RecipeOptions):
-    r: Annotated[int, Field(ge=1)] = 8
-    alpha: Annotated[float, Field(gt=0)] = 16.0
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    # "all-linear", a list of module-name suffixes, or one regex matched against full names.
+class TargetedOptions(RecipeOptions):
+    """Options of every method that adapts chosen layers of the base."""
+
+    # "all-linear" (every linear layer but the output head), a list of module-name
+    # suffixes such as [q_proj, v_proj], or one regex matched against full module names.
     target_modules: str | Annotated[list[str], Field(min_length=1)] = "all-linear"
-    bias: Literal["none", "all", "lora_only"] = "none"
-    modules_to_save: list[str] | None = None
 
     @field_validator("target_modules")
     @classmethod
@@ -35,12 +33,22 @@ class LoraOptions(RecipeOptions):
         return value
 
 
+class LoraOptions(TargetedOptions):
+    r: Annotated[int, Field(ge=1)] = 8
+    alpha: Annotated[float, Field(gt=0)] = 16.0
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] | None = None
+
+
 @register
 class Lora(Recipe):
     name = "lora"
     description = "Low-rank adapters on frozen weights; merges into the base."
     Options = LoraOptions
     artifact = "adapter"
+    mergeable = True
+    typical_trainable = "0.26% (r=8, all linear layers)"
     options: LoraOptions
 
     def peft_config(self) -> LoraConfig:
@@ -57,8 +65,12 @@ class Lora(Recipe):
         )
 
     def build(self, model: torch.nn.Module, config: Config) -> torch.nn.Module:
+        return self.wrap(model, self.peft_config(), config)
+
+    def wrap(self, model: torch.nn.Module, peft_config: PeftConfig, config: Config) -> torch.nn.Module:
+        """``get_peft_model`` with a plain message when the target modules match nothing."""
         try:
-            return get_peft_model(model, self.peft_config())
+            return get_peft_model(model, peft_config)
         except ValueError as exc:
             if "not found in the base model" in str(exc) or "No modules were targeted" in str(exc):
                 raise UserError(

@@ -9,14 +9,6 @@ from conftest import run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
-def test_recipes_lists_lora_and_full(capsys):
-    code, out, _ = run_cli(capsys, "recipes")
-    assert code == 0
-    lines = {line.split()[0]: line for line in out.splitlines()}
-    assert {"lora", "full"} <= lines.keys()
-    assert "adapter" in lines["lora"] and "model" in lines["full"]
-
-
 def test_tiny_model_writes_a_loadable_hf_folder(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "tiny-model", str(tmp_path / "tiny"), "--hidden-size", "64", "--num-layers", "2")
     assert code == 0

@@ -74,9 +74,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_recipes(args: argparse.Namespace) -> int:
     from tunelab.recipes import REGISTRY
 
-    width = max(len(name) for name in REGISTRY)
     for name, recipe in sorted(REGISTRY.items()):
-        print(f"{name:<{width}}  {recipe.description}  [saves {recipe.artifact}]")
+        print(f"{name}: {recipe.description}")
+        print(f"    trains {recipe.typical_trainable} of an 8B Llama · mergeable: {'yes' if recipe.mergeable else 'no'}"
+              f" · saves {recipe.artifact}/")
+        options = [f"{key}={field.default!r}" for key, field in recipe.Options.model_fields.items() if key != "name"]
+        print(f"    options: {', '.join(options) if options else '(none)'}")
     return 0
 
 

@@ -107,7 +107,11 @@ def _check_inputs(config: Config) -> None:
     from tunelab.models.load import check_model_reference
 
     check_model_reference(config.model.name_or_path)
-    for key, sources in (("data.datasets", config.data.datasets), ("data.eval_datasets", config.data.eval_datasets)):
+    for key, sources in (
+        ("data.datasets", config.data.datasets),
+        ("data.eval_datasets", config.data.eval_datasets),
+        ("eval.retention_datasets", config.eval.retention_datasets),
+    ):
         for index, source in enumerate(sources):
             local_files(source, key=f"{key}[{index}]")
 

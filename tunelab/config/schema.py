@@ -82,7 +82,10 @@ class TrainingConfig(Section):
     warmup_steps: Annotated[int, Field(ge=0)] = 0
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.0
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    optimizer: Literal["adamw_torch", "adamw_torch_fused", "sgd", "adafactor"] = "adamw_torch"
+    # adamw_bnb_8bit and paged_* come from bitsandbytes (pip install "tunelab[quant]"); paged_* need CUDA.
+    optimizer: Literal[
+        "adamw_torch", "adamw_torch_fused", "sgd", "adafactor", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit"
+    ] = "adamw_torch"
     max_grad_norm: Annotated[float, Field(ge=0)] = 1.0
     logging_steps: Annotated[int, Field(ge=1)] = 1
     save_steps: Annotated[int, Field(ge=1)] | None = None
@@ -106,6 +109,9 @@ class EvalConfig(Section):
     max_samples: Annotated[int, Field(ge=1)] = 200
     max_new_tokens: Annotated[int, Field(ge=1)] = 32
     batch_size: Annotated[int, Field(ge=1)] = 32
+    # Data of a skill the base already has (e.g. its pretraining text): held-out loss on it is
+    # measured before and after training, so forgetting shows as retention_after - retention_before.
+    retention_datasets: list[DatasetSource] = []
 
 
 class Config(Section):

@@ -87,9 +87,9 @@ def encode_example(example: Example, tokenizer: PreTrainedTokenizerBase, train_o
 def build_splits(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> Splits:
     """Load, normalise, tokenize and split all configured sources."""
     stats: Counter = Counter()
-    train = _encode_sources(data, data.datasets, "data.datasets", tokenizer, stats)
+    train = encode_sources(data, data.datasets, "data.datasets", tokenizer, stats)
     if data.eval_datasets:
-        eval_ = _encode_sources(data, data.eval_datasets, "data.eval_datasets", tokenizer, stats)
+        eval_ = encode_sources(data, data.eval_datasets, "data.eval_datasets", tokenizer, stats)
     elif data.eval_ratio > 0:
         random.Random(seed).shuffle(train)
         n_eval = max(1, round(len(train) * data.eval_ratio))
@@ -103,7 +103,8 @@ def build_splits(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
     return Splits(train=train, eval=eval_, stats=stats)
 
 
-def _encode_sources(data: DataConfig, sources, key: str, tokenizer, stats: Counter) -> list[Encoded]:
+def encode_sources(data: DataConfig, sources, key: str, tokenizer, stats: Counter) -> list[Encoded]:
+    """Encode every row of ``sources`` (``key`` names them in messages), applying the length policy."""
     encoded: list[Encoded] = []
     for index, source in enumerate(sources):
         rows = load_source(source, f"{key}[{index}]")

@@ -37,6 +37,8 @@ def heldout_loss(model: torch.nn.Module, examples: Sequence[Encoded], pad_token_
         for start in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            # Soft-prompt adapters (P-tuning) return logits for their virtual tokens first; keep the real ones.
+            logits = logits[:, -batch["input_ids"].shape[1] :]
             targets = batch["labels"][:, 1:]
             total += torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"

@@ -14,6 +14,10 @@ from tunelab.errors import UserError
 from tunelab.io import atomic_write_text
 
 
+# Keys of the Trainer's own log dict; anything else in it came from the recipe.
+STANDARD_LOG_KEYS = {"loss", "learning_rate", "grad_norm", "epoch", "num_input_tokens_seen", "num_tokens"}
+
+
 class MetricsLogger(TrainerCallback):
     """Append one JSON object per logged step to ``metrics.jsonl`` and keep them for the summary.
 
@@ -50,6 +54,8 @@ class MetricsLogger(TrainerCallback):
             "grad_norm": logs.get("grad_norm"),
             "tokens_per_s": (tokens - self._last_tokens) / max(now - self._last_time, 1e-9),
         }
+        # Recipe values (regularisers, rank budget, gate statistics) follow the standard ones.
+        record.update({k: v for k, v in logs.items() if k not in STANDARD_LOG_KEYS and not k.startswith("train_")})
         self._last_time, self._last_tokens = now, tokens
         self.records.append(record)
         with self.path.open("a", encoding="utf-8") as handle:

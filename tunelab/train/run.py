@@ -2,8 +2,8 @@
 
 Read top to bottom it is the whole run: data, model, recipe, metrics before,
 HF ``Trainer`` (under accelerate: accumulation, schedulers, checkpoints), metrics
-after, artifact, summary. Recipes change behaviour only through ``Recipe.build``
-and ``Recipe.callbacks``.
+after, artifact, summary. Recipes change behaviour only through their hooks:
+``build``, ``callbacks``, ``loss_terms``, ``log_metrics`` and ``save``.
 
 Run directory::
 
@@ -17,21 +17,23 @@ Run directory::
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import resource
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerBase, ProgressCallback, Trainer, TrainingArguments, set_seed
+from transformers import PreTrainedTokenizerBase, ProgressCallback, TrainingArguments, set_seed
 
 from tunelab.config import Config, config_to_yaml
 from tunelab.data.collate import PadCollator
-from tunelab.data.encode import Splits, build_splits
+from tunelab.data.encode import Splits, build_splits, encode_sources
 from tunelab.data.templates import apply_template_choice
 from tunelab.errors import UserError
 from tunelab.eval.heldout import exact_match, heldout_loss
@@ -40,6 +42,7 @@ from tunelab.models.load import load_model, load_tokenizer
 from tunelab.recipes import get_recipe_class
 from tunelab.train.callbacks import ConsoleProgress, MetricsLogger
 from tunelab.train.report import write_loss_plot
+from tunelab.train.trainer import RecipeTrainer
 
 
 @dataclass
@@ -68,12 +71,16 @@ def train(
     if any(source.format != "text" for source in config.data.datasets + config.data.eval_datasets):
         apply_template_choice(tokenizer, config.data.chat_template)
     splits = build_splits(config.data, tokenizer, config.training.seed)
+    retention = encode_sources(
+        config.data, config.eval.retention_datasets, "eval.retention_datasets", tokenizer, Counter()
+    )[: config.eval.max_samples]
     # The saved config records what this run really did: its folder and its step count,
     # so `tunelab train RUN/config.yaml` reproduces it even when CLI flags shaped it.
     config = _effective_config(config, run_dir, len(splits.train), max_steps)
     atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
 
     recipe = get_recipe_class(config.recipe.name)(config.recipe)
+    check_optimizer(config.training.optimizer)
     base = load_model(config.model, **recipe.load_kwargs(config))
     set_seed(config.training.seed)  # after loading, so adapter init never depends on what loading drew
     model = recipe.build(base, config)
@@ -85,7 +92,8 @@ def train(
 
     checkpoint = _last_checkpoint(run_dir) if resume else None
     metrics = MetricsLogger(run_dir / "metrics.jsonl", resume_step=_checkpoint_step(checkpoint))
-    trainer = Trainer(
+    trainer = RecipeTrainer(
+        recipe=recipe,
         model=model,
         args=_training_arguments(config, run_dir),
         train_dataset=splits.train,
@@ -99,9 +107,13 @@ def train(
     eval_before = _evaluate(model, tokenizer, splits, config) if config.eval.before_training else None
     if eval_before:
         print(f"tunelab: before training: {_describe(eval_before)}")
+    retention_before = _retention(model, retention, tokenizer, config)
     trainer.train(resume_from_checkpoint=checkpoint)
 
     eval_after = _evaluate(model, tokenizer, splits, config)
+    retention_after = _retention(model, retention, tokenizer, config)
+    if retention_before and retention_after:
+        print(f"tunelab: retention (prior-skill held-out loss) {retention_before['loss']:.4f} -> {retention_after['loss']:.4f}")
     if eval_after:
         print(f"tunelab: after training:  {_describe(eval_after)}")
     if eval_before and eval_after and "exact_match" in eval_after:
@@ -109,7 +121,7 @@ def train(
         print(f"tunelab: held-out exact match {before:.1%} -> {after:.1%} ({(after - before) * 100:+.1f} points)")
 
     with atomic_dir(run_dir / recipe.artifact) as staging:
-        model.save_pretrained(staging)
+        recipe.save(model, staging)
         tokenizer.save_pretrained(staging)
 
     summary = {
@@ -120,6 +132,8 @@ def train(
         "train_loss_final": metrics.records[-1]["loss"] if metrics.records else None,
         "eval_before": eval_before,
         "eval_after": eval_after,
+        "retention_before": retention_before,
+        "retention_after": retention_after,
         "wall_time_s": round(time.perf_counter() - started, 2),
         "train_time_s": round(trainer.state.log_history[-1].get("train_runtime", 0.0), 2) if trainer.state.log_history else None,
         "tokens_per_s": _mean_tokens_per_s(metrics.records),
@@ -218,6 +232,10 @@ def _evaluate(model: torch.nn.Module, tokenizer, splits: Splits, config: Config)
     return result
 
 
+def _retention(model: torch.nn.Module, examples: list, tokenizer, config: Config) -> dict | None:
+    return heldout_loss(model, examples, tokenizer.pad_token_id, config.eval.batch_size) if examples else None
+
+
 def _describe(result: dict) -> str:
     text = f"eval loss {result['loss']:.4f} (perplexity {result['perplexity']:.2f})"
     if "exact_match" in result:
@@ -225,9 +243,32 @@ def _describe(result: dict) -> str:
     return text
 
 
+def check_optimizer(optimizer: str) -> None:
+    """bitsandbytes optimizers need the package; paged ones page state to host memory and need CUDA."""
+    if "bnb" not in optimizer and not optimizer.startswith("paged_"):
+        return
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(
+            f'training.optimizer "{optimizer}" comes from bitsandbytes, which is not installed; '
+            'run pip install "tunelab[quant]" or choose adamw_torch.'
+        )
+    if optimizer.startswith("paged_") and not torch.cuda.is_available():
+        raise UserError(
+            f'training.optimizer "{optimizer}" pages optimizer state between GPU and CPU memory and needs a CUDA GPU; '
+            "on this machine use adamw_bnb_8bit (8-bit states) or adamw_torch."
+        )
+
+
 def _count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameters; a bitsandbytes 4-bit tensor packs two weights per byte of storage."""
+
+    def real_numel(p: torch.nn.Parameter) -> int:
+        if type(p).__name__ == "Params4bit":
+            return p.numel() * 2 * p.element_size()
+        return p.numel()
+
+    trainable = sum(real_numel(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(real_numel(p) for p in model.parameters())
 
 
 def _mean_tokens_per_s(records: list[dict]) -> float | None:

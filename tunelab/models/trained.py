@@ -1,0 +1,39 @@
+"""Load what a run trained, from its run directory, exactly as it was trained.
+
+The run's own ``config.yaml`` says which base, dtype and quantization to rebuild
+and which recipe knows its artifact; the recipe's ``load_artifact`` then restores
+the trained weights strictly (a GateRA adapter with its gates, BitFit biases with
+the biases it added), so no custom weight is silently dropped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from tunelab.config import parse_config
+from tunelab.errors import UserError
+from tunelab.models.load import load_model, resolve_dtype
+from tunelab.recipes import get_recipe_class
+
+
+def load_trained(run_dir: str | Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """(model in eval mode, tokenizer) of the run saved in ``run_dir``."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise UserError(f"{run_dir} is not a tunelab run directory (no config.yaml); point at the folder tunelab train wrote.")
+    config = parse_config(yaml.safe_load(config_path.read_text()), source=str(config_path))
+    recipe = get_recipe_class(config.recipe.name)(config.recipe)
+    artifact = run_dir / recipe.artifact
+    if not artifact.is_dir():
+        raise UserError(f"{run_dir} has no {recipe.artifact}/ folder; the run did not finish (resume it with --resume).")
+    if recipe.artifact == "model":
+        model = AutoModelForCausalLM.from_pretrained(artifact, dtype=resolve_dtype(config.model.dtype))
+    else:
+        base = load_model(config.model, **recipe.load_kwargs(config))
+        model = recipe.load_artifact(base, artifact)
+    return model.eval(), AutoTokenizer.from_pretrained(artifact)

@@ -1,0 +1,48 @@
+"""HF ``Trainer`` with the two hooks recipes need: extra loss terms and extra logged values.
+
+A regulariser must be part of the loss that is back-propagated, not a number
+computed beside it; TRL's SFTTrainer, for one, ignores anything a model adds to
+``outputs.loss``. Here each term the recipe returns is added to the batch loss,
+scaled the way the Trainer scales that loss for gradient accumulation, and its
+mean over the logging interval is logged under its own name.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+
+from tunelab.recipes import Recipe
+
+
+class RecipeTrainer(Trainer):
+    def __init__(self, *args, recipe: Recipe, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recipe = recipe
+        self._term_sums: dict[str, float] = defaultdict(float)
+        self._term_counts: dict[str, int] = defaultdict(int)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        terms = self.recipe.loss_terms(model, inputs) if model.training else {}
+        if terms:
+            # When the LM loss is already normalised over the whole accumulated batch the
+            # Trainer will not divide it again, so a per-micro-batch term must be divided here.
+            scaled_for_accumulation = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            divisor = self.current_gradient_accumulation_steps if scaled_for_accumulation else 1
+            for name, value in terms.items():
+                loss = loss + value / divisor
+                self._term_sums[name] += float(value.detach())
+                self._term_counts[name] += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            for name, total in self._term_sums.items():
+                logs[name] = total / self._term_counts[name]
+            self._term_sums.clear()
+            self._term_counts.clear()
+            logs.update(self.recipe.log_metrics(self.model))
+        super().log(logs, start_time)
