@@ -69,13 +69,14 @@ def schedule(options: AdaloraOptions, total_steps: int) -> tuple[int, int]:
 
 
 def total_rank(model: torch.nn.Module) -> int:
-    """Number of singular values still active (not pruned to zero) over all AdaLoRA layers."""
-    return sum(
-        int(torch.count_nonzero(module.lora_E[name]))
-        for module in model.modules()
-        if isinstance(module, AdaLoraLayer)
-        for name in module.lora_E
-    )
+    """Singular values the allocator keeps over all layers (all of them until it first prunes).
+
+    Read from the allocator's rank pattern, not from nonzero values: E starts at zero.
+    """
+    config = model.peft_config["default"]
+    if config.rank_pattern is None:
+        return config.init_r * sum(len(m.lora_E) for m in model.modules() if isinstance(m, AdaLoraLayer))
+    return sum(sum(mask) for mask in config.rank_pattern.values())
 
 
 class RankAllocation(TrainerCallback):
