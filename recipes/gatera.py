@@ -41,7 +41,6 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from pydantic import Field
 from safetensors.torch import load_file
 
-from tunelab.config.schema import Config
 from tunelab.errors import UserError
 
 from .base import register

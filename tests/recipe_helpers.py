@@ -6,8 +6,10 @@ import contextlib
 from pathlib import Path
 
 import torch
+from tunelab.recipes import get_recipe_class
 
-from tunelab.config import load_config
+from tunelab.config import Config, load_config, parse_config
+from tunelab.models.load import load_model
 from tunelab.train.run import TrainResult, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,3 +41,21 @@ def probe_logits(model: torch.nn.Module) -> torch.Tensor:
     input_ids = torch.randint(3, 500, (3, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return model.eval()(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits.float()
+
+
+def tiny_config(recipe: dict, **training) -> Config:
+    """A config for the tiny model with the given recipe options (``dtype`` may be passed too)."""
+    return parse_config({
+        "model": {"name_or_path": "builtin:tiny-llama", "dtype": training.pop("dtype", "float32")},
+        "recipe": recipe,
+        "data": {"datasets": [{"path": str(REPO / "configs/data/quickstart/train.jsonl"), "format": "prompt_completion"}]},
+        "training": {"max_steps": 10, **training},
+    })
+
+
+def build(recipe: dict, **training) -> torch.nn.Module:
+    """The recipe's trainable model on the tiny base, without training."""
+    config = tiny_config(recipe, **training)
+    recipe_obj = get_recipe_class(config.recipe.name)(config.recipe)
+    torch.manual_seed(0)
+    return recipe_obj.build(load_model(config.model, **recipe_obj.load_kwargs(config)), config)

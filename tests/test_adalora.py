@@ -12,14 +12,13 @@ from peft.tuners.adalora import AdaLoraLayer
 from recipe_helpers import LAYERS, LINEARS, REPO, train_tiny
 from safetensors.torch import load_file
 from transformers import TrainingArguments
+from tunelab.recipes import get_recipe_class
+from tunelab.recipes.adalora import total_rank
 
 from tunelab.config import parse_config
-from tunelab.recipes import get_recipe_class
-
 from tunelab.data.collate import PadCollator
 from tunelab.data.encode import Encoded
 from tunelab.models.trained import load_trained
-from tunelab.recipes.adalora import total_rank
 from tunelab.train.trainer import RecipeTrainer
 
 MODULES = LAYERS * len(LINEARS)

@@ -9,28 +9,12 @@ import pytest
 import torch
 from conftest import run_cli, write_config
 from peft.tuners.lora import LoraLayer
-from recipe_helpers import LAYERS, LINEARS, REPO, probe_logits, train_tiny
+from recipe_helpers import LAYERS, LINEARS, REPO, build, probe_logits, tiny_config, train_tiny
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from tunelab.recipes import get_recipe_class
 
 from tunelab.config import parse_config
 from tunelab.models.load import load_model
-from tunelab.recipes import get_recipe_class
-
-
-def tiny_config(recipe: dict, **training) -> object:
-    return parse_config({
-        "model": {"name_or_path": "builtin:tiny-llama", "dtype": training.pop("dtype", "float32")},
-        "recipe": recipe,
-        "data": {"datasets": [{"path": str(REPO / "configs/data/quickstart/train.jsonl"), "format": "prompt_completion"}]},
-        "training": {"max_steps": 10, **training},
-    })
-
-
-def build(recipe: dict, **training):
-    config = tiny_config(recipe, **training)
-    recipe_obj = get_recipe_class(config.recipe.name)(config.recipe)
-    torch.manual_seed(0)
-    return recipe_obj.build(load_model(config.model, **recipe_obj.load_kwargs(config)), config)
 
 
 def adapted(model) -> dict[str, LoraLayer]:
@@ -88,7 +72,7 @@ def test_qlora_base_is_nf4_double_quantized_and_prepared_for_kbit_training():
     others = [p for p in model.parameters() if type(p).__name__ != "Params4bit"]
     assert others and all(p.dtype == torch.float32 for p in others)
     # Resident memory: the linear weights take 4 bits (+ small quantization constants) instead of 32.
-    linear_bytes = sum(l.weight.numel() * l.weight.element_size() for l in linears)
+    linear_bytes = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears)
     fp32_bytes = sum(i * o for i, o in LINEARS) * LAYERS * 4
     assert linear_bytes == fp32_bytes // 8
     assert model.get_memory_footprint() < 0.45 * fp32_base.get_memory_footprint()

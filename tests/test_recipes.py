@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 from conftest import run_cli, write_config
-from recipe_helpers import HIDDEN, INTER, KV, LAYERS, LINEARS, RECIPES, REPO, VOCAB, probe_logits, train_tiny
+from recipe_helpers import HIDDEN, KV, LAYERS, LINEARS, RECIPES, REPO, VOCAB, probe_logits, train_tiny
+from tunelab.recipes import REGISTRY
 
 from tunelab.models.trained import load_trained
-from tunelab.recipes import REGISTRY
 
 
 def lora_count(r: int) -> int:

@@ -83,6 +83,15 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from tunelab.compare import compare, format_table
+
+    rows = compare(args.configs, args.overrides, Path(args.output))
+    print(format_table(rows), end="")
+    print(f"tunelab: table saved to {Path(args.output) / 'compare.md'} (all numbers in compare.json)")
+    return 0 if all("error" not in row for row in rows) else 1
+
+
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from tunelab.models.tiny import build_tiny_model
 
@@ -119,6 +128,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     recipes = verbs.add_parser("recipes", parents=[common], help="list the available recipes")
     recipes.set_defaults(handler=_cmd_recipes)
+
+    compare = verbs.add_parser("compare", parents=[common], help="train several configs and print one comparison table")
+    compare.add_argument("configs", nargs="+", metavar="CONFIG", help="YAML configs (e.g. configs/tiny/*.yaml)")
+    compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="key.sub=value",
+                         help="override applied to every config (repeatable)")
+    compare.add_argument("--output", default="runs/compare", help="folder for the runs and the table (default runs/compare)")
+    compare.set_defaults(handler=_cmd_compare)
 
     tiny = verbs.add_parser("tiny-model", parents=[common], help="write a tiny Llama model + tokenizer folder")
     tiny.add_argument("out_dir")

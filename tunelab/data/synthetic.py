@@ -71,11 +71,16 @@ def tokenizer_corpus() -> list[str]:
 
 
 def write_quickstart_data(out_dir: str | Path) -> None:
-    """Write pretrain.jsonl, train.jsonl and eval.jsonl for the quickstart configs."""
+    """Write pretrain.jsonl, train.jsonl, eval.jsonl and retention.jsonl for the quickstart configs.
+
+    retention.jsonl is fresh counting text (another seed): the base's prior skill, measured
+    before and after fine-tuning to show how much of it a recipe forgets.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train, held_out = next_number_chat()
-    for name, rows in (("pretrain", counting_corpus()), ("train", train), ("eval", held_out)):
+    sets = (("pretrain", counting_corpus()), ("train", train), ("eval", held_out), ("retention", counting_corpus(100, seed=1)))
+    for name, rows in sets:
         (out_dir / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 

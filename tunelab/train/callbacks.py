@@ -13,7 +13,6 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from tunelab.errors import UserError
 from tunelab.io import atomic_write_text
 
-
 # Keys of the Trainer's own log dict; anything else in it came from the recipe.
 STANDARD_LOG_KEYS = {"loss", "learning_rate", "grad_norm", "epoch", "num_input_tokens_seen", "num_tokens"}
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import torch
 from transformers import Trainer
 
 from tunelab.recipes import Recipe
