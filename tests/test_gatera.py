@@ -123,3 +123,23 @@ def test_gated_adapter_refuses_to_merge():
     model = build({"name": "gatera", "r": 4})
     with pytest.raises(ValueError, match="cannot be merged"):
         model.merge_and_unload()
+
+
+def test_loss_terms_are_scaled_like_the_lm_loss_under_accumulation(tmp_path):
+    class ConstantTerm(Gatera):
+        def loss_terms(self, model, inputs):
+            return {"constant": torch.tensor(0.6)}
+
+    model = build({"name": "lora", "r": 4})
+    recipe = ConstantTerm(GateraOptions(name="gatera"))
+    trainer = RecipeTrainer(recipe=recipe, model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to="none"),
+                            data_collator=PadCollator(0))
+    batch = PadCollator(0)([Encoded([5, 6, 7, 8, 9], [-100, 6, 7, 8, 9])])
+    lm_mean = float(model.train()(**batch).loss)
+    # Normalised over the whole accumulated batch (4 tokens here, 8 over 2 micro-batches): the
+    # Trainer will not divide again, so the per-micro-batch term is divided by the 2 steps here.
+    trainer.current_gradient_accumulation_steps = 2
+    loss = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(8))
+    assert float(loss) == pytest.approx(lm_mean * 4 / 8 + 0.6 / 2, rel=1e-6)
+    # Without num_items_in_batch the Trainer divides the returned loss itself: the term is added whole.
+    assert float(trainer.compute_loss(model, batch)) == pytest.approx(lm_mean + 0.6, rel=1e-6)

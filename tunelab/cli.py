@@ -76,8 +76,8 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 
     for name, recipe in sorted(REGISTRY.items()):
         print(f"{name}: {recipe.description}")
-        print(f"    trains {recipe.typical_trainable} of an 8B Llama · mergeable: {'yes' if recipe.mergeable else 'no'}"
-              f" · saves {recipe.artifact}/")
+        print(f"    trainable share on an 8B Llama: {recipe.typical_trainable} · mergeable: "
+              f"{'yes' if recipe.mergeable else 'no'} · saves {recipe.artifact}/")
         options = [f"{key}={field.default!r}" for key, field in recipe.Options.model_fields.items() if key != "name"]
         print(f"    options: {', '.join(options) if options else '(none)'}")
     return 0
