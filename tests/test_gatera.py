@@ -26,9 +26,10 @@ def randomize_lora_b(model, seed: int = 1) -> None:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
 
 
-def test_gate_fixed_at_one_equals_lora_exactly():
-    lora = build({"name": "lora", "r": 4, "alpha": 8})
-    gated = build({"name": "gatera", "r": 4, "alpha": 8})
+@pytest.mark.parametrize("host", ["lora", "dora"])
+def test_gate_fixed_at_one_equals_the_host_method_exactly(host):
+    lora = build({"name": host, "r": 4, "alpha": 8})
+    gated = build({"name": "gatera", "r": 4, "alpha": 8, "use_dora": host == "dora"})
     randomize_lora_b(lora)
     randomize_lora_b(gated)
     with torch.no_grad():
