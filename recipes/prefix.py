@@ -28,8 +28,13 @@ class PrefixOptions(RecipeOptions):
     encoder_hidden_size: Annotated[int, Field(ge=1)] = 512
 
 
-def refuse_gradient_checkpointing(recipe: str, config: Config) -> None:
-    """Prompt-learning methods feed extra keys/values or embeddings that checkpointed layers mishandle."""
+def check_prompt_learning(recipe: str, config: Config) -> None:
+    """Prompt-learning adapters need one contiguous sequence per row and un-checkpointed layers."""
+    if config.data.packing:
+        raise UserError(
+            f'recipe "{recipe}" cannot train on packed rows (its virtual tokens would be shared by every example '
+            "of a row); set data.packing: false."
+        )
     if config.training.gradient_checkpointing:
         raise UserError(
             f'recipe "{recipe}" does not work with training.gradient_checkpointing (the re-run layers lose the '
@@ -48,7 +53,7 @@ class Prefix(Recipe):
     options: PrefixOptions
 
     def check(self, config: Config) -> None:
-        refuse_gradient_checkpointing(self.name, config)
+        check_prompt_learning(self.name, config)
 
     def build(self, model: torch.nn.Module, config: Config) -> torch.nn.Module:
         o = self.options

@@ -18,7 +18,7 @@ from pydantic import Field
 from tunelab.config.schema import Config, RecipeOptions
 
 from .base import Recipe, register
-from .prefix import refuse_gradient_checkpointing
+from .prefix import check_prompt_learning
 
 
 class PtuningOptions(RecipeOptions):
@@ -40,7 +40,7 @@ class Ptuning(Recipe):
     options: PtuningOptions
 
     def check(self, config: Config) -> None:
-        refuse_gradient_checkpointing(self.name, config)
+        check_prompt_learning(self.name, config)
 
     def build(self, model: torch.nn.Module, config: Config) -> torch.nn.Module:
         o = self.options

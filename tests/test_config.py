@@ -211,7 +211,7 @@ def test_bad_regex_and_unknown_chat_template(capsys, tmp_path, base_yaml):
     assert "\"recipe.target_modules\": '(' is neither 'all-linear' nor a valid regex" in output
     code, output = validate(capsys, tmp_path, base_yaml, "data.chat_template=chatm")
     assert code == 2
-    assert "\"data.chat_template\": input should be 'chatml', got 'chatm'." in output
+    assert "\"data.chat_template\": input should be 'chatml', 'llama-3' or 'alpaca', got 'chatm'." in output
 
 
 def test_every_error_line_is_prefixed(capsys, tmp_path):

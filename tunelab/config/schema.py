@@ -12,7 +12,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, model_validator
 
+from tunelab.data.formats import FORMAT_FIELDS
 from tunelab.data.templates import TEMPLATES
+from tunelab.errors import did_you_mean
 
 
 class Section(BaseModel):
@@ -37,7 +39,7 @@ class ModelConfig(Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
 
 
-DatasetFormat = Literal["text", "prompt_completion", "alpaca", "messages"]
+DatasetFormat = Literal[tuple(FORMAT_FIELDS)]  # type: ignore[valid-type]
 
 
 class DatasetSource(Section):
@@ -47,6 +49,25 @@ class DatasetSource(Section):
     name: str | None = None
     data_files: str | list[str] | None = None
     max_samples: Annotated[int, Field(ge=1)] | None = None
+    # Multiplies this source's rows in the mix: 0.5 keeps a random half, 2.0 repeats every row twice.
+    weight: Annotated[float, Field(gt=0)] = 1.0
+    # The format's field names mapped to this dataset's column names, e.g. {prompt: question}.
+    fields: dict[str, str] = {}
+    # A system message for chat rows that have none.
+    system_prompt: str | None = None
+
+    @model_validator(mode="after")
+    def _fields_belong_to_format(self) -> DatasetSource:
+        known = FORMAT_FIELDS[self.format]
+        for name in self.fields:
+            if name not in known:
+                raise ValueError(
+                    f'fields key "{name}" is not a field of format {self.format}{did_you_mean(name, known)}; '
+                    f"its fields are: {', '.join(known)}"
+                )
+        if self.system_prompt is not None and self.format == "text":
+            raise ValueError("system_prompt applies to chat formats, not to format text; remove it")
+        return self
 
 
 class DataConfig(Section):
@@ -56,6 +77,12 @@ class DataConfig(Section):
     max_length: Annotated[int, Field(ge=8)] = 512
     overlong: Literal["truncate", "drop", "error"] = "truncate"
     train_on_inputs: bool = False
+    # Which assistant turns of a multi-turn chat carry loss.
+    assistant_turns: Literal["all", "last"] = "all"
+    # Concatenate examples into rows of up to max_length; each example attends only to itself.
+    packing: bool = False
+    # Reuse tokenized data from $TUNELAB_CACHE/data when files, tokenizer and data settings are unchanged.
+    cache: bool = True
     chat_template: Literal[tuple(TEMPLATES)] | None = Field(  # type: ignore[valid-type]
         default=None,
         description="None uses the tokenizer's own template; a built-in name ('chatml') replaces it.",

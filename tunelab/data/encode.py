@@ -11,6 +11,7 @@ content plus its end-of-turn token carry loss, everything else is -100 unless
 from __future__ import annotations
 
 import random
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -68,14 +69,20 @@ def render_segments(tokenizer: PreTrainedTokenizerBase, messages: list[Message])
     return [(text, trained) for text, trained in segments if text]
 
 
-def encode_example(example: Example, tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool) -> Encoded:
+def encode_example(
+    example: Example, tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool, assistant_turns: str = "all"
+) -> Encoded:
+    """Token ids and labels; with ``assistant_turns="last"`` only the final assistant turn carries loss."""
     if example.text is not None:
         ids = tokenizer(example.text, add_special_tokens=True).input_ids + [tokenizer.eos_token_id]
         return Encoded(input_ids=ids, labels=list(ids))
     assert example.messages is not None
     input_ids: list[int] = []
     labels: list[int] = []
-    for text, trained in render_segments(tokenizer, example.messages):
+    segments = render_segments(tokenizer, example.messages)
+    last_assistant = max(i for i, (_, is_assistant) in enumerate(segments) if is_assistant)
+    for index, (text, is_assistant) in enumerate(segments):
+        trained = is_assistant and (assistant_turns == "all" or index == last_assistant)
         ids = tokenizer(text, add_special_tokens=False).input_ids
         input_ids += ids
         labels += ids if (trained or train_on_inputs) else [IGNORE_INDEX] * len(ids)
@@ -87,35 +94,55 @@ def encode_example(example: Example, tokenizer: PreTrainedTokenizerBase, train_o
 def build_splits(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> Splits:
     """Load, normalise, tokenize and split all configured sources."""
     stats: Counter = Counter()
-    train = encode_sources(data, data.datasets, "data.datasets", tokenizer, stats)
+    train = encode_sources(data, data.datasets, "data.datasets", tokenizer, stats, seed)
     if data.eval_datasets:
-        eval_ = encode_sources(data, data.eval_datasets, "data.eval_datasets", tokenizer, stats)
+        eval_ = encode_sources(data, data.eval_datasets, "data.eval_datasets", tokenizer, stats, seed)
     elif data.eval_ratio > 0:
-        random.Random(seed).shuffle(train)
-        n_eval = max(1, round(len(train) * data.eval_ratio))
-        if n_eval >= len(train):
-            raise UserError(f"data.eval_ratio {data.eval_ratio} leaves no training rows out of {len(train)}; lower it.")
-        eval_, train = train[:n_eval], train[n_eval:]
+        # Split distinct examples, so a row repeated by a weight never lands on both sides.
+        distinct = list({id(item): item for item in train}.values())
+        random.Random(seed).shuffle(distinct)
+        n_eval = max(1, round(len(distinct) * data.eval_ratio))
+        if n_eval >= len(distinct):
+            raise UserError(f"data.eval_ratio {data.eval_ratio} leaves no training rows out of {len(distinct)}; lower it.")
+        copies = Counter(id(item) for item in train)
+        eval_ = distinct[:n_eval]
+        train = [item for item in distinct[n_eval:] for _ in range(copies[id(item)])]
     else:
         eval_ = []
     if not train:
         raise UserError("no training rows are left after length filtering; raise data.max_length or set data.overlong: truncate.")
+    if stats["dropped_no_trained_tokens"]:
+        print(
+            f"tunelab: warning: {stats['dropped_no_trained_tokens']} rows had no trained token left after truncation "
+            f"to data.max_length={data.max_length} and were dropped (counted in summary.json).",
+            file=sys.stderr,
+        )
     return Splits(train=train, eval=eval_, stats=stats)
 
 
-def encode_sources(data: DataConfig, sources, key: str, tokenizer, stats: Counter) -> list[Encoded]:
-    """Encode every row of ``sources`` (``key`` names them in messages), applying the length policy."""
+def encode_sources(data: DataConfig, sources, key: str, tokenizer, stats: Counter, seed: int = 0) -> list[Encoded]:
+    """Encode every row of ``sources`` (``key`` names them in messages), applying the length policy and weights."""
     encoded: list[Encoded] = []
     for index, source in enumerate(sources):
         rows = load_source(source, f"{key}[{index}]")
+        items = []
         for row_number, row in enumerate(rows):
             where = f'{key}[{index}] "{source.path}" row {row_number}'
-            item = encode_example(to_example(row, source.format, where), tokenizer, data.train_on_inputs)
-            item = _fit_length(item, data, where, stats)
+            example = to_example(row, source.format, where, source.fields, source.system_prompt)
+            item = _fit_length(encode_example(example, tokenizer, data.train_on_inputs, data.assistant_turns), data, where, stats)
             if item is not None:
-                encoded.append(item)
+                items.append(item)
         stats["rows"] += len(rows)
+        items = apply_weight(items, source.weight, random.Random(f"{seed}-{key}-{index}"))
+        stats[f"{key}[{index}] examples"] = len(items)
+        encoded += items
     return encoded
+
+
+def apply_weight(items: list[Encoded], weight: float, rng: random.Random) -> list[Encoded]:
+    """``weight`` copies of ``items``: whole repeats, then a random sample for the fractional part."""
+    whole, fraction = divmod(weight, 1.0)
+    return items * int(whole) + rng.sample(items, round(fraction * len(items)))
 
 
 def _fit_length(item: Encoded, data: DataConfig, where: str, stats: Counter) -> Encoded | None:

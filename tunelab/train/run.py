@@ -34,6 +34,7 @@ from transformers import PreTrainedTokenizerBase, ProgressCallback, TrainingArgu
 from tunelab.config import Config, config_to_yaml
 from tunelab.data.collate import PadCollator
 from tunelab.data.encode import Splits, build_splits, encode_sources
+from tunelab.data.packing import PackCollator, pack, padding_fraction
 from tunelab.data.templates import apply_template_choice
 from tunelab.errors import UserError
 from tunelab.eval.heldout import exact_match, heldout_loss
@@ -76,7 +77,18 @@ def train(
     )[: config.eval.max_samples]
     # The saved config records what this run really did: its folder and its step count,
     # so `tunelab train RUN/config.yaml` reproduces it even when CLI flags shaped it.
-    config = _effective_config(config, run_dir, len(splits.train), max_steps)
+    if config.data.packing:
+        train_rows = pack(splits.train, config.data.max_length)
+        collator = PackCollator(tokenizer.pad_token_id)
+        lengths = [len(e.input_ids) for e in splits.train]
+        splits.stats["packed_rows"] = len(train_rows)
+        splits.stats["padding_fraction_unpacked"] = round(padding_fraction(lengths, config.training.micro_batch_size), 4)
+        splits.stats["padding_fraction_packed"] = round(
+            padding_fraction([sum(len(e.input_ids) for e in row) for row in train_rows], config.training.micro_batch_size), 4
+        )
+    else:
+        train_rows, collator = splits.train, PadCollator(tokenizer.pad_token_id)
+    config = _effective_config(config, run_dir, len(train_rows), max_steps)
     atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
 
     recipe = get_recipe_class(config.recipe.name)(config.recipe)
@@ -89,6 +101,9 @@ def train(
         raise UserError(f'recipe "{recipe.name}" left no trainable parameters; check recipe.target_modules and its options.')
     print(f"tunelab: recipe {recipe.name}: {trainable:,} of {total:,} parameters trainable ({trainable / total:.2%}); "
           f"{len(splits.train)} train / {len(splits.eval)} eval examples")
+    if config.data.packing:
+        print(f"tunelab: packing: {len(splits.train)} examples in {len(train_rows)} rows; padding "
+              f"{splits.stats['padding_fraction_unpacked']:.1%} unpacked -> {splits.stats['padding_fraction_packed']:.1%} packed")
 
     checkpoint = _last_checkpoint(run_dir) if resume else None
     metrics = MetricsLogger(run_dir / "metrics.jsonl", resume_step=_checkpoint_step(checkpoint))
@@ -96,8 +111,8 @@ def train(
         recipe=recipe,
         model=model,
         args=_training_arguments(config, run_dir),
-        train_dataset=splits.train,
-        data_collator=PadCollator(tokenizer.pad_token_id),
+        train_dataset=train_rows,
+        data_collator=collator,
         callbacks=[metrics, *recipe.callbacks(config)],
     )
     trainer.remove_callback(ProgressCallback)

@@ -1,4 +1,4 @@
-"""HF ``Trainer`` with the two hooks recipes need: extra loss terms and extra logged values.
+"""HF ``Trainer`` with the two hooks recipes need (extra loss terms, extra logged values), and packed batches.
 
 A regulariser must be part of the loss that is back-propagated, not a number
 computed beside it; TRL's SFTTrainer, for one, ignores anything a model adds to
@@ -13,6 +13,7 @@ from collections import defaultdict
 
 from transformers import Trainer
 
+from tunelab.data.packing import REAL_TOKENS_KEY
 from tunelab.recipes import Recipe
 
 
@@ -24,6 +25,7 @@ class RecipeTrainer(Trainer):
         self._term_counts: dict[str, int] = defaultdict(int)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {k: v for k, v in inputs.items() if k != REAL_TOKENS_KEY}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         terms = self.recipe.loss_terms(model, inputs) if model.training else {}
         if terms:
@@ -36,6 +38,13 @@ class RecipeTrainer(Trainer):
                 self._term_sums[name] += float(value.detach())
                 self._term_counts[name] += 1
         return (loss, outputs) if return_outputs else loss
+
+    def _track_num_input_tokens(self, inputs):
+        # Packed rows carry no attention mask (it would turn off per-example attention); the
+        # collator's real-token mask stands in for it when counting tokens.
+        if REAL_TOKENS_KEY in inputs:
+            inputs = {**inputs, "attention_mask": inputs[REAL_TOKENS_KEY]}
+        super()._track_num_input_tokens(inputs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
