@@ -105,7 +105,7 @@ def test_committed_quickstart_data_matches_its_generator(tmp_path):
 
     write_quickstart_data(tmp_path)
     committed = Path(__file__).resolve().parents[1] / "configs" / "data" / "quickstart"
-    for name in ("pretrain.jsonl", "train.jsonl", "eval.jsonl"):
+    for name in ("pretrain.jsonl", "train.jsonl", "eval.jsonl", "retention.jsonl"):
         assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
     eval_prompts = {json.loads(line)["prompt"] for line in (committed / "eval.jsonl").read_text().splitlines()}
     train_prompts = {json.loads(line)["prompt"] for line in (committed / "train.jsonl").read_text().splitlines()}

@@ -51,6 +51,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "datasets" in sys.modules:  # already imported (in-process use): the variable alone comes too late
+        sys.modules["datasets"].disable_progress_bars()
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -68,6 +70,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     print(f"{args.config}: OK (recipe {config.recipe.name}, model {config.model.name_or_path})")
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from tunelab.config import load_config
+    from tunelab.data.inspect import describe, use_color
+
+    config = load_config(args.config, args.overrides)
+    print(describe(config, args.examples, args.split, color=use_color()))
     return 0
 
 
@@ -125,6 +136,13 @@ def _build_parser() -> argparse.ArgumentParser:
     validate.add_argument("config")
     validate.add_argument("overrides", nargs="*", metavar="key.sub=value")
     validate.set_defaults(handler=_cmd_validate)
+
+    data = verbs.add_parser("data", parents=[common], help="show tokenized examples (trained tokens marked) and data statistics")
+    data.add_argument("config")
+    data.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    data.add_argument("-n", "--examples", type=_positive_int, default=3, help="examples to show (default 3)")
+    data.add_argument("--split", choices=["train", "eval"], default="train")
+    data.set_defaults(handler=_cmd_data)
 
     recipes = verbs.add_parser("recipes", parents=[common], help="list the available recipes")
     recipes.set_defaults(handler=_cmd_recipes)

@@ -15,6 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def cache_dir() -> Path:
+    """tunelab's cache (built-in models, tokenized data): ``$TUNELAB_CACHE``, default ``~/.cache/tunelab``."""
+    return Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab"))
+
+
 def expand_path(reference: str) -> Path:
     """``Path(reference).expanduser()``, leaving an unknown ``~user`` as written instead of raising."""
     try:

@@ -6,7 +6,9 @@ the local-file checks here exist to fail before any model loads, with the path n
 
 from __future__ import annotations
 
+import codecs
 import glob
+import json
 from pathlib import Path
 
 import datasets
@@ -22,6 +24,8 @@ LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": 
 def load_source(source: DatasetSource, key: str) -> datasets.Dataset:
     """Load one source as a ``datasets.Dataset`` (capped at ``max_samples`` rows)."""
     files = local_files(source, key)
+    if files is not None:
+        _check_readable(files, source, key)
     try:
         if files is not None:
             builder = LOCAL_BUILDERS[files[0].suffix]
@@ -31,6 +35,9 @@ def load_source(source: DatasetSource, key: str) -> datasets.Dataset:
                 source.path, name=source.name, split=source.split, data_files=source.data_files
             )
     except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as exc:
+        problem = _find_bad_line(files) if files is not None else None
+        if problem:
+            raise UserError(f"{key}: {problem}") from exc
         raise UserError(f'{key}.path "{source.path}" could not be loaded ({first_line(exc)}); check the file or dataset id.') from exc
     if source.max_samples is not None:
         dataset = dataset.select(range(min(source.max_samples, len(dataset))))
@@ -68,3 +75,51 @@ def local_files(source: DatasetSource, key: str) -> list[Path] | None:
     if len({LOCAL_BUILDERS[s] for s in suffixes}) > 1:
         raise UserError(f'{key}.path "{source.path}" mixes file types {", ".join(sorted(suffixes))}; give each type its own source.')
     return files
+
+
+def _check_readable(files: list[Path], source: DatasetSource, key: str) -> None:
+    """Empty sources and non-UTF-8 text fail here: ``datasets`` would crash on the first and garble the second."""
+    if all(path.stat().st_size == 0 for path in files):
+        raise UserError(f'{key}.path "{source.path}" is empty; point it at a file with rows.')
+    for path in files:
+        if path.suffix == ".parquet":
+            continue
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        try:
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    decoder.decode(block)
+                decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise UserError(f"{key}: {_find_bad_line([path])}") from None
+
+
+def _find_bad_line(files: list[Path]) -> str | None:
+    """Name the first line that is not UTF-8 (any file) or not JSON (JSON lines), for a failed load."""
+    for path in files:
+        with path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    return f"{path} line {number} is not valid UTF-8 text; re-save the file as UTF-8."
+                if path.suffix == ".jsonl" and line.strip():
+                    try:
+                        json.loads(line)
+                    except ValueError as exc:
+                        return f"{path} line {number} is not valid JSON ({exc.args[0].split(':')[0]}); fix or remove that line."
+        if path.suffix == ".json":
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                if _is_json_lines(path):
+                    continue
+                return f"{path} line {exc.lineno} is not valid JSON ({exc.msg}); fix the file."
+    return None
+
+
+def _is_json_lines(path: Path) -> bool:
+    try:
+        return all(json.loads(line) is not None for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    except ValueError:
+        return False

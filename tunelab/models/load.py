@@ -8,8 +8,6 @@ on a machine that cannot reach a hub.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,17 +15,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from tunelab.config.schema import ModelConfig
 from tunelab.errors import UserError, did_you_mean, first_line
-from tunelab.io import expand_path, looks_like_local_path
+from tunelab.io import cache_dir, expand_path, looks_like_local_path
 from tunelab.models import tiny
 
 BUILTIN_PREFIX = "builtin:"
 # name -> (cache folder, builder). The folder name carries a version: bump it when the
 # builder's output changes so stale caches are never reused.
 BUILTIN_MODELS = {"tiny-llama": ("tiny-llama-v1", tiny.build_tiny_model)}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab"))
 
 
 def check_model_reference(name_or_path: str) -> None:

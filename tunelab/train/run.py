@@ -32,6 +32,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, ProgressCallback, TrainingArguments, set_seed
 
 from tunelab.config import Config, config_to_yaml
+from tunelab.data.cache import cached_splits
 from tunelab.data.collate import PadCollator
 from tunelab.data.encode import Splits, build_splits, encode_sources
 from tunelab.data.packing import PackCollator, pack, padding_fraction
@@ -71,7 +72,9 @@ def train(
     tokenizer = load_tokenizer(config.model)
     if any(source.format != "text" for source in config.data.datasets + config.data.eval_datasets):
         apply_template_choice(tokenizer, config.data.chat_template)
-    splits = build_splits(config.data, tokenizer, config.training.seed)
+    splits, from_cache = cached_splits(config.data, tokenizer, config.training.seed, build_splits)
+    if from_cache:
+        print("tunelab: data: tokenized examples reused from the cache (same files, tokenizer and data settings)")
     retention = encode_sources(
         config.data, config.eval.retention_datasets, "eval.retention_datasets", tokenizer, Counter()
     )[: config.eval.max_samples]
