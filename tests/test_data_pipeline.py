@@ -201,3 +201,18 @@ def test_data_command_marks_trained_tokens_and_prints_statistics(capsys, monkeyp
     assert "<|im_start|>assistant\n[[" in out
     assert "train: 897 examples" in out and "of tokens carry loss" in out and "p90" in out
     assert "truncated" in out and "packing: 897 examples in" in out
+
+
+def test_hub_code_path_with_name_split_and_data_files(tmp_path, tokenizer):
+    # "json" is not a local path, so it goes through load_dataset(path, name, split, data_files) like a hub id.
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": f"row {i}"} for i in range(6)])
+    data = DataConfig(datasets=[DatasetSource(path="json", format="text", data_files=path, split="train[:4]")], cache=False)
+    assert len(build_splits(data, tokenizer, seed=0).train) == 4
+
+
+def test_the_template_used_is_saved_with_the_tokenizer(tmp_path):
+    from recipe_helpers import train_tiny
+
+    result = train_tiny("lora", tmp_path, "data.chat_template=alpaca", steps=2)
+    saved = (result.run_dir / "adapter" / "chat_template.jinja").read_text()
+    assert "### Instruction" in saved and "<|im_start|>" not in saved
