@@ -42,6 +42,8 @@ class Recipe:
     artifact: ClassVar[Literal["adapter", "model"]]
     # Whether the result can be folded into the base weights (no extra inference cost).
     mergeable: ClassVar[bool]
+    # Why `tunelab merge` refuses this method's artifact, and what to do instead ("" = it merges).
+    merge_refusal: ClassVar[str] = ""
     # Share of parameters trained with the default options, on a Llama-3-8B-shaped model
     # (for `tunelab recipes`; the exact count of a run is printed and saved in summary.json).
     typical_trainable: ClassVar[str]

@@ -135,6 +135,9 @@ class Gatera(Lora):
     description = "LoRA whose update is scaled per token by a learned sigmoid gate, with an entropy penalty."
     Options = GateraOptions
     mergeable = False
+    merge_refusal = (
+        "its gate depends on each token, so no exact merge into fixed weights exists; serve the adapter instead (tunelab generate RUN)."
+    )
     typical_trainable = "0.26% (r=8, all linear layers; gates add in_features+1 per layer)"
     options: GateraOptions
 

@@ -49,6 +49,9 @@ class Prefix(Recipe):
     Options = PrefixOptions
     artifact = "adapter"
     mergeable = False
+    merge_refusal = (
+        "prefix tuning adds learned keys and values as extra input at every layer, and there is no weight to fold them into; serve the adapter instead (tunelab generate RUN, or PEFT)."
+    )
     typical_trainable = "0.016% (20 virtual tokens)"
     options: PrefixOptions
 

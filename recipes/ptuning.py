@@ -36,6 +36,9 @@ class Ptuning(Recipe):
     Options = PtuningOptions
     artifact = "adapter"
     mergeable = False
+    merge_refusal = (
+        "P-tuning prepends a learned soft prompt to the input, and there is no weight to fold it into; serve the adapter instead (tunelab generate RUN, or PEFT)."
+    )
     typical_trainable = "0.63% (20 virtual tokens, MLP encoder of hidden size)"
     options: PtuningOptions
 

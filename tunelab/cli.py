@@ -82,6 +82,15 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from tunelab.export.merge import merge_run
+
+    report = merge_run(args.run_dir, args.output, qlora_base=args.qlora_base, max_shard_bytes=args.max_shard_size)
+    print(f"tunelab: merged {report['recipe']} run into {report['output']} ({report['bytes'] / 2**20:.1f} MiB in "
+          f"{report['shards']} shard(s); loads with AutoModelForCausalLM.from_pretrained, no tunelab or PEFT needed)")
+    return 0
+
+
 def _cmd_recipes(args: argparse.Namespace) -> int:
     from tunelab.recipes import REGISTRY
 
@@ -144,6 +153,14 @@ def _build_parser() -> argparse.ArgumentParser:
     data.add_argument("--split", choices=["train", "eval"], default="train")
     data.set_defaults(handler=_cmd_data)
 
+    merge = verbs.add_parser("merge", parents=[common], help="fold a run's adapter into its base: a plain HF model folder")
+    merge.add_argument("run_dir")
+    merge.add_argument("--output", required=True, help="folder to write (must not exist)")
+    merge.add_argument("--qlora-base", choices=["dequantized", "original"], default="dequantized",
+                       help="QLoRA: merge into the NF4-dequantized base it was trained against (default) or the original weights")
+    merge.add_argument("--max-shard-size", type=_size, default=5 * 2**30, help="largest shard, e.g. 5GB (default) or 500MB")
+    merge.set_defaults(handler=_cmd_merge)
+
     recipes = verbs.add_parser("recipes", parents=[common], help="list the available recipes")
     recipes.set_defaults(handler=_cmd_recipes)
 
@@ -162,6 +179,14 @@ def _build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, help="weight initialisation seed, default 0")
     tiny.set_defaults(handler=_cmd_tiny_model)
     return parser
+
+
+def _size(text: str) -> int:
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "B": 1}
+    for unit, factor in units.items():
+        if text.upper().endswith(unit) and text[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(text[: -len(unit)]) * factor)
+    raise argparse.ArgumentTypeError(f"expected a size such as 500MB or 5GB, got {text!r}")
 
 
 def _positive_int(text: str) -> int:
