@@ -91,6 +91,14 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from tunelab.export.export import export
+
+    report = export(args.source, args.format, args.output, quant=args.quant, qlora_base=args.qlora_base)
+    print(f"tunelab: exported {args.source} as {args.format} to {report['output']}")
+    return 0
+
+
 def _cmd_recipes(args: argparse.Namespace) -> int:
     from tunelab.recipes import REGISTRY
 
@@ -160,6 +168,14 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="QLoRA: merge into the NF4-dequantized base it was trained against (default) or the original weights")
     merge.add_argument("--max-shard-size", type=_size, default=5 * 2**30, help="largest shard, e.g. 5GB (default) or 500MB")
     merge.set_defaults(handler=_cmd_merge)
+
+    export = verbs.add_parser("export", parents=[common], help="write a run or model as GGUF, merged safetensors or a PEFT adapter")
+    export.add_argument("source", metavar="MODEL_OR_RUN")
+    export.add_argument("--format", choices=["gguf", "safetensors", "peft"], required=True)
+    export.add_argument("--output", required=True, help="file (gguf) or folder to write; must not exist")
+    export.add_argument("--quant", choices=["f16", "q8_0", "f32"], default="f16", help="GGUF tensor type (default f16)")
+    export.add_argument("--qlora-base", choices=["dequantized", "original"], default="dequantized")
+    export.set_defaults(handler=_cmd_export)
 
     recipes = verbs.add_parser("recipes", parents=[common], help="list the available recipes")
     recipes.set_defaults(handler=_cmd_recipes)
