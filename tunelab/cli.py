@@ -99,6 +99,33 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from tunelab.eval.evaluate import evaluate, format_table, to_json
+
+    result = evaluate(args.source, args.data, args.format, args.max_samples, args.max_new_tokens, args.batch_size)
+    print(format_table(result), end="")
+    if args.json:
+        from tunelab.io import atomic_write_text
+
+        atomic_write_text(Path(args.json), to_json(result))
+        print(f"tunelab: results saved to {args.json}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from tunelab.eval.generate import Session
+
+    Session(args.source, args.system, args.max_new_tokens, args.temperature).reply(args.prompt, sys.stdout)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from tunelab.eval.generate import Session, chat
+
+    chat(Session(args.source, args.system, args.max_new_tokens, args.temperature), sys.stdin)
+    return 0
+
+
 def _cmd_recipes(args: argparse.Namespace) -> int:
     from tunelab.recipes import REGISTRY
 
@@ -176,6 +203,26 @@ def _build_parser() -> argparse.ArgumentParser:
     export.add_argument("--quant", choices=["f16", "q8_0", "f32"], default="f16", help="GGUF tensor type (default f16)")
     export.add_argument("--qlora-base", choices=["dequantized", "original"], default="dequantized")
     export.set_defaults(handler=_cmd_export)
+
+    evaluate = verbs.add_parser("eval", parents=[common], help="loss, perplexity and answer accuracy on a dataset, next to the base")
+    evaluate.add_argument("source", metavar="MODEL_OR_RUN")
+    evaluate.add_argument("--data", required=True, help="data file, glob, folder or hub id")
+    evaluate.add_argument("--format", default="prompt_completion", help="data format (default prompt_completion)")
+    evaluate.add_argument("--max-samples", type=_positive_int, default=200)
+    evaluate.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    evaluate.add_argument("--batch-size", type=_positive_int, default=16)
+    evaluate.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    evaluate.set_defaults(handler=_cmd_eval)
+
+    for verb, helptext in (("generate", "answer one prompt, streaming"), ("chat", "interactive chat on stdin")):
+        talk = verbs.add_parser(verb, parents=[common], help=helptext)
+        talk.add_argument("source", metavar="MODEL_OR_RUN")
+        if verb == "generate":
+            talk.add_argument("--prompt", required=True)
+        talk.add_argument("--system", help="system message")
+        talk.add_argument("--max-new-tokens", type=_positive_int, default=256)
+        talk.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        talk.set_defaults(handler=_cmd_generate if verb == "generate" else _cmd_chat)
 
     recipes = verbs.add_parser("recipes", parents=[common], help="list the available recipes")
     recipes.set_defaults(handler=_cmd_recipes)

@@ -68,12 +68,12 @@ def exact_match(
     max_new_tokens: int,
     batch_size: int,
 ) -> dict:
-    """Share of chat examples whose greedy answer equals the reference (whitespace-stripped)."""
+    """Share of chat examples whose greedy answer equals the reference (whitespace-stripped), and share containing it."""
     pairs = [(e.prompt, e.answer) for e in examples if e.prompt is not None and e.answer is not None]
     if not pairs:
         return {}
     stops = stop_token_ids(model, tokenizer)
-    correct, samples = 0, []
+    correct, contained, samples = 0, 0, []
     with _inference(model) as device:
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
@@ -88,6 +88,8 @@ def exact_match(
             for (prompt, answer), text in zip(chunk, texts, strict=True):
                 hit = text.strip() == answer.strip()
                 correct += hit
+                contained += answer.strip() in text
                 if len(samples) < 5:
                     samples.append({"prompt": prompt, "expected": answer, "generated": text.strip(), "correct": hit})
-    return {"exact_match": correct / len(pairs), "exact_match_n": len(pairs), "samples": samples}
+    return {"exact_match": correct / len(pairs), "contains": contained / len(pairs), "exact_match_n": len(pairs),
+            "samples": samples}

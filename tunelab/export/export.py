@@ -16,6 +16,7 @@ from tunelab.errors import UserError
 from tunelab.export.gguf_export import export_gguf
 from tunelab.export.merge import _read_run, merge_run
 from tunelab.io import atomic_dir
+from tunelab.models.load import BUILTIN_PREFIX, resolve_model_path
 
 FORMATS = ("gguf", "safetensors", "peft")
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -51,8 +52,10 @@ def _export_peft(run_dir: Path, output: Path) -> dict:
     if recipe.artifact != "adapter" or saved.get("peft_type") in (None, "GATERA"):
         raise UserError(f'recipe "{recipe.name}" does not produce a PEFT adapter; export it with --format safetensors'
                         + (" (after checking it merges: see tunelab recipes)." if recipe.mergeable else "."))
-    # Record the base the user named (a hub id stays a hub id), not tunelab's resolved cache path.
-    saved["base_model_name_or_path"] = config.model.name_or_path
+    # Record the base the user named (a hub id stays a hub id); a built-in model is only
+    # loadable from tunelab's cache, so its local folder is recorded instead.
+    name = config.model.name_or_path
+    saved["base_model_name_or_path"] = resolve_model_path(name) if name.startswith(BUILTIN_PREFIX) else name
     with atomic_dir(output) as staging:
         shutil.copy2(adapter / "adapter_model.safetensors", staging / "adapter_model.safetensors")
         (staging / "adapter_config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")

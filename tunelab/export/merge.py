@@ -52,6 +52,10 @@ class ShardWriter:
         self.shards: list[list[str]] = []
         self.peak_bytes = 0  # largest amount of tensor data held at once
 
+    def note_transient(self, size: int) -> None:
+        """Count ``size`` bytes held beside the buffer while the next tensor is prepared."""
+        self.peak_bytes = max(self.peak_bytes, self.buffer_bytes + size)
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
         if self.buffer and self.buffer_bytes + size > self.max_bytes:
@@ -106,19 +110,21 @@ def adapter_transforms(adapter_dir: Path) -> dict[str, Transform]:
     for module in modules:
         if config["peft_type"] == "ADALORA":
             a, b, e = weights[f"{module}.lora_A"], weights[f"{module}.lora_B"], weights[f"{module}.lora_E"]
-            delta = b @ (a * e) * alpha / (config["init_r"] + 1e-5)
+            factors = (b, a * e, alpha / (config["init_r"] + 1e-5))
         else:
             a, b = weights[f"{module}.lora_A.weight"], weights[f"{module}.lora_B.weight"]
             rank = a.shape[0]
-            delta = (b @ a) * (alpha / (math.sqrt(rank) if config.get("use_rslora") else rank))
+            factors = (b, a, alpha / (math.sqrt(rank) if config.get("use_rslora") else rank))
         magnitude = weights.get(f"{module}.lora_magnitude_vector")
-        transforms[f"{module}.weight"] = _merged(delta, magnitude)
+        transforms[f"{module}.weight"] = _merged(*factors, magnitude)
     return transforms
 
 
-def _merged(delta: torch.Tensor, magnitude: torch.Tensor | None) -> Transform:
+def _merged(b: torch.Tensor, a: torch.Tensor, scale: float, magnitude: torch.Tensor | None) -> Transform:
+    """W -> merged W. The full-size product B·A is formed only here, one weight at a time."""
+
     def apply(weight: torch.Tensor) -> torch.Tensor:
-        updated = weight.float() + delta
+        updated = weight.float() + (b @ a) * scale
         if magnitude is not None:  # DoRA: rescale each output row to its learned magnitude
             updated = (magnitude / torch.linalg.norm(updated, dim=1)).unsqueeze(1) * updated
         return updated.to(weight.dtype)
@@ -177,6 +183,8 @@ def merge_run(run_dir: str | Path, output_dir: str | Path, qlora_base: str = "de
         writer = ShardWriter(staging, max_shard_bytes)
         names = set()
         for name, tensor in checkpoint_tensors(base_dir):
+            # Held at once: the output buffer, this input tensor and its merged copy (with one fp32 temporary).
+            writer.note_transient(3 * tensor.numel() * 4)
             writer.add(name, transforms.get(name, lambda w: w)(tensor) if name not in extra else extra[name])
             names.add(name)
         for name, tensor in extra.items():

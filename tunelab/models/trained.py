@@ -37,3 +37,21 @@ def load_trained(run_dir: str | Path) -> tuple[torch.nn.Module, PreTrainedTokeni
         base = load_model(config.model, **recipe.load_kwargs(config))
         model = recipe.load_artifact(base, artifact)
     return model.eval(), AutoTokenizer.from_pretrained(artifact)
+
+
+def load_model_or_run(reference: str | Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """A tunelab run folder (its trained model) or a Hugging Face model folder, in eval mode."""
+    path = Path(reference)
+    if (path / "config.yaml").is_file():
+        return load_trained(path)
+    if (path / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+        return model.eval(), AutoTokenizer.from_pretrained(path)
+    raise UserError(f"{reference} is neither a tunelab run folder (config.yaml) nor a Hugging Face model folder (config.json).")
+
+
+def load_run_base(run_dir: str | Path) -> torch.nn.Module:
+    """The base model a run started from, loaded as that run loaded it (e.g. in 4 bit for QLoRA)."""
+    config = parse_config(yaml.safe_load((Path(run_dir) / "config.yaml").read_text()))
+    recipe = get_recipe_class(config.recipe.name)(config.recipe)
+    return load_model(config.model, **recipe.load_kwargs(config)).eval()
