@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from tunelab.errors import UserError
+from tunelab.errors import RunInterrupted, UserError
 
 EXIT_USER_ERROR = 2
 
@@ -37,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in str(exc).splitlines():
             print(f"tunelab: error: {line}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except RunInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("tunelab: interrupted.", file=sys.stderr)
         return 130
@@ -61,7 +64,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     output = args.output or config.output_dir or f"runs/{Path(args.config).stem}"
-    train(config, output_dir=output, max_steps=args.max_steps, resume=args.resume, overwrite=args.overwrite)
+    train(config, output_dir=output, max_steps=args.max_steps, resume=args.resume, overwrite=args.overwrite,
+          allow_config_change=args.allow_config_change)
     return 0
 
 
@@ -174,6 +178,8 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-steps", type=_positive_int, help="cap on optimizer steps")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    train.add_argument("--allow-config-change", action="store_true",
+                       help="with --resume: continue even though the config differs from the run's")
     train.set_defaults(handler=_cmd_train)
 
     validate = verbs.add_parser("validate", parents=[common], help="check a config without training")

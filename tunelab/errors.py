@@ -15,6 +15,14 @@ class UserError(Exception):
     """A problem the user can fix; the message names the key or file and the fix."""
 
 
+class RunInterrupted(Exception):
+    """A run stopped cleanly on a signal; ``exit_code`` follows the shell convention (128 + signal number)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, for quoting a library error in one sentence."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")

@@ -8,7 +8,12 @@ import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
 from tunelab.errors import UserError
 from tunelab.io import atomic_write_text
@@ -59,10 +64,16 @@ class MetricsLogger(TrainerCallback):
         self.records.append(record)
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
-        if not math.isfinite(record["loss"]):
+        # Checked before this step's checkpoint is written (the Trainer logs, then saves), so a
+        # step whose loss or update went bad never becomes a checkpoint.
+        bad = [key for key in ("loss", "grad_norm") if record[key] is not None and not math.isfinite(record[key])]
+        if bad:
+            checkpoints = sorted(self.path.parent.glob("checkpoints/checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+            kept = (f"the last good checkpoint is {checkpoints[-1]} (--resume continues from it)" if checkpoints
+                    else "no checkpoint had been saved yet")
             raise UserError(
-                f"the training loss became {record['loss']} at step {record['step']}; "
-                "lower training.learning_rate or check the data (the run was stopped)."
+                f"the training {bad[0].replace('_', ' ')} became {record[bad[0]]} at step {record['step']}, so the run "
+                f"was stopped; {kept}. Lower training.learning_rate or check the data."
             )
 
 

@@ -23,13 +23,20 @@ import math
 import os
 import resource
 import shutil
+import signal
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerBase, ProgressCallback, TrainingArguments, set_seed
+import yaml
+from transformers import (
+    PreTrainedTokenizerBase,
+    ProgressCallback,
+    TrainingArguments,
+    set_seed,
+)
 
 from tunelab.config import Config, config_to_yaml
 from tunelab.data.cache import cached_splits
@@ -44,6 +51,7 @@ from tunelab.models.load import load_model, load_tokenizer
 from tunelab.recipes import get_recipe_class
 from tunelab.train.callbacks import ConsoleProgress, MetricsLogger
 from tunelab.train.report import write_loss_plot
+from tunelab.train.stopping import GracefulStop, RunInterrupted, stop_on_signals
 from tunelab.train.trainer import RecipeTrainer
 
 
@@ -61,6 +69,7 @@ def train(
     max_steps: int | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    allow_config_change: bool = False,
 ) -> TrainResult:
     """Run ``config`` end to end; the summary is also written to ``summary.json``."""
     started = time.perf_counter()
@@ -92,6 +101,8 @@ def train(
     else:
         train_rows, collator = splits.train, PadCollator(tokenizer.pad_token_id)
     config = _effective_config(config, run_dir, len(train_rows), max_steps)
+    if resume and not allow_config_change:
+        _refuse_changed_config(run_dir, config)
     atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
 
     recipe = get_recipe_class(config.recipe.name)(config.recipe)
@@ -120,13 +131,24 @@ def train(
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ConsoleProgress())
+    stopper = GracefulStop()
+    trainer.add_callback(stopper)
 
     # Measured after the Trainer has placed the model on its device.
     eval_before = _evaluate(model, tokenizer, splits, config) if config.eval.before_training else None
     if eval_before:
         print(f"tunelab: before training: {_describe(eval_before)}")
     retention_before = _retention(model, retention, tokenizer, config)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    with stop_on_signals(stopper):
+        trainer.train(resume_from_checkpoint=checkpoint)
+    if stopper.signal_number is not None:
+        name = signal.Signals(stopper.signal_number).name
+        raise RunInterrupted(
+            f"tunelab: stopped by {name} after step {trainer.state.global_step}; checkpoint saved in "
+            f"{_last_checkpoint(run_dir)}.\ntunelab: resume with: tunelab train {run_dir / 'config.yaml'} "
+            f"--output {run_dir} --resume",
+            exit_code=128 + stopper.signal_number,
+        )
 
     eval_after = _evaluate(model, tokenizer, splits, config)
     retention_after = _retention(model, retention, tokenizer, config)
@@ -173,6 +195,8 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"output directory {run_dir} is a file; choose another --output.")
     if resume:
+        for stale in (run_dir / "checkpoints").glob(".staging-*"):  # a save cut short by a crash
+            shutil.rmtree(stale, ignore_errors=True)
         if _last_checkpoint(run_dir) is None:
             raise UserError(
                 f"--resume was given but {run_dir / 'checkpoints'} holds no checkpoint; drop --resume to start a new run."
@@ -189,6 +213,25 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
+
+
+def _refuse_changed_config(run_dir: Path, config: Config) -> None:
+    """Resuming under different settings would silently mix two runs; name what differs."""
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    now = yaml.safe_load(config_to_yaml(config))
+    changed = sorted(_differences(saved, now))
+    if changed:
+        raise UserError(
+            f"--resume: the config differs from the one {run_dir} was trained with at {', '.join(changed)}; "
+            "resume with the run's own config.yaml, or pass --allow-config-change to continue anyway."
+        )
+
+
+def _differences(old, new, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = old.keys() | new.keys()
+        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [prefix.rstrip(".")] if old != new else []
 
 
 def _last_checkpoint(run_dir: Path) -> str | None:
@@ -227,6 +270,7 @@ def _training_arguments(config: Config, run_dir: Path) -> TrainingArguments:
         optim=t.optimizer,
         max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN loss must show as NaN (the Trainer would log a made-up value)
         save_strategy="steps",
         # No save_steps means one checkpoint, at the end (the Trainer always saves the final step).
         save_steps=t.save_steps or 10**9,

@@ -1,4 +1,5 @@
-"""HF ``Trainer`` with the two hooks recipes need (extra loss terms, extra logged values), and packed batches.
+"""HF ``Trainer`` with the hooks recipes need (extra loss terms, extra logged values), packed batches,
+and atomic checkpoints.
 
 A regulariser must be part of the loss that is back-propagated, not a number
 computed beside it; TRL's SFTTrainer, for one, ignores anything a model adds to
@@ -9,9 +10,13 @@ mean over the logging interval is logged under its own name.
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections import defaultdict
+from pathlib import Path
 
 from transformers import Trainer
+from transformers.trainer_utils import rotate_checkpoints
 
 from tunelab.data.packing import REAL_TOKENS_KEY
 from tunelab.recipes import Recipe
@@ -23,6 +28,7 @@ class RecipeTrainer(Trainer):
         self.recipe = recipe
         self._term_sums: dict[str, float] = defaultdict(float)
         self._term_counts: dict[str, int] = defaultdict(int)
+        self._staging_root: str | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {k: v for k, v in inputs.items() if k != REAL_TOKENS_KEY}
@@ -38,6 +44,29 @@ class RecipeTrainer(Trainer):
                 self._term_sums[name] += float(value.detach())
                 self._term_counts[name] += 1
         return (loss, outputs) if return_outputs else loss
+
+    def _get_output_dir(self, trial):
+        return self._staging_root or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Save into a hidden staging folder, then rename it into place: a checkpoint that is
+        visible is complete, even if the process dies in the middle of a save."""
+        final_root = Path(super()._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        self._staging_root = str(final_root / f".staging-{name}")
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            staged, final = final_root / f".staging-{name}" / name, final_root / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            shutil.rmtree(final_root / f".staging-{name}", ignore_errors=True)
+            rotate_checkpoints(output_dir=str(final_root), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
 
     def _track_num_input_tokens(self, inputs):
         # Packed rows carry no attention mask (it would turn off per-example attention); the
