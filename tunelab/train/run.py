@@ -215,11 +215,19 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     run_dir.mkdir(parents=True)
 
 
+RESUMABLE_CHANGES = {"training.max_steps", "training.num_epochs"}
+
+
 def _refuse_changed_config(run_dir: Path, config: Config) -> None:
     """Resuming under different settings would silently mix two runs; name what differs."""
     saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     now = yaml.safe_load(config_to_yaml(config))
     changed = sorted(_differences(saved, now))
+    # Training longer (or shorter) is what resuming a finished run is for; everything else must match.
+    for key in RESUMABLE_CHANGES.intersection(changed):
+        old, new = saved["training"][key.split(".")[1]], now["training"][key.split(".")[1]]
+        print(f"tunelab: note: {key} changed from {old} to {new}; the learning-rate schedule follows the new length.")
+    changed = [key for key in changed if key not in RESUMABLE_CHANGES]
     if changed:
         raise UserError(
             f"--resume: the config differs from the one {run_dir} was trained with at {', '.join(changed)}; "
