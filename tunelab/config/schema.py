@@ -141,11 +141,29 @@ class EvalConfig(Section):
     retention_datasets: list[DatasetSource] = []
 
 
+class WandbConfig(Section):
+    project: str = "tunelab"
+    entity: str | None = None
+    name: str | None = Field(default=None, description="Run name; default: the run folder's name.")
+    tags: list[str] = []
+    notes: str | None = None
+    # auto: online when W&B credentials exist, else offline (synced later with `wandb sync`).
+    mode: Literal["auto", "online", "offline"] = "auto"
+
+
+class TrackingConfig(Section):
+    """Where metrics go besides metrics.jsonl (always written)."""
+
+    wandb: WandbConfig | None = None
+    tensorboard: bool = False
+
+
 class Config(Section):
     model: ModelConfig
     recipe: SerializeAsAny[RecipeOptions]
     data: DataConfig
     training: TrainingConfig = TrainingConfig()
     eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
     output_dir: str | None = Field(default=None, description="Run directory; the CLI defaults it to runs/<config name>.")
 

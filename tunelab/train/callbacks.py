@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -25,8 +24,9 @@ STANDARD_LOG_KEYS = {"loss", "learning_rate", "grad_norm", "epoch", "num_input_t
 class MetricsLogger(TrainerCallback):
     """Append one JSON object per logged step to ``metrics.jsonl`` and keep them for the summary.
 
-    ``tokens_per_s`` counts non-padding input tokens processed since the previous log,
-    divided by the wall time since then.
+    Besides the Trainer's values, a record holds what ``RecipeTrainer.log`` adds (tokens/s:
+    non-padding input tokens per second since the previous log; peak memory; the recipe's
+    own values), the same numbers W&B and TensorBoard receive.
     """
 
     def __init__(self, path: Path, resume_step: int | None = None):
@@ -38,29 +38,18 @@ class MetricsLogger(TrainerCallback):
             kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             self.records = [r for r in kept if r["step"] <= resume_step]
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
-        self._last_time = time.perf_counter()
-        self._last_tokens = 0
-
-    def on_train_begin(self, args, state: TrainerState, control, **kwargs):
-        self._last_time = time.perf_counter()
-        self._last_tokens = state.num_input_tokens_seen
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
         if not logs or "loss" not in logs or not state.is_world_process_zero:
             return
-        now = time.perf_counter()
-        tokens = state.num_input_tokens_seen
         record = {
             "step": state.global_step,
             "epoch": round(state.epoch or 0.0, 4),
             "loss": logs["loss"],
             "lr": logs.get("learning_rate"),
             "grad_norm": logs.get("grad_norm"),
-            "tokens_per_s": (tokens - self._last_tokens) / max(now - self._last_time, 1e-9),
         }
-        # Recipe values (regularisers, rank budget, gate statistics) follow the standard ones.
         record.update({k: v for k, v in logs.items() if k not in STANDARD_LOG_KEYS and not k.startswith("train_")})
-        self._last_time, self._last_tokens = now, tokens
         self.records.append(record)
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")

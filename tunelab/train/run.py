@@ -52,6 +52,7 @@ from tunelab.recipes import get_recipe_class
 from tunelab.train.callbacks import ConsoleProgress, MetricsLogger
 from tunelab.train.report import write_loss_plot
 from tunelab.train.stopping import GracefulStop, RunInterrupted, stop_on_signals
+from tunelab.train.tracking import AttachConfig, report_to
 from tunelab.train.trainer import RecipeTrainer
 
 
@@ -133,6 +134,8 @@ def train(
     trainer.add_callback(ConsoleProgress())
     stopper = GracefulStop()
     trainer.add_callback(stopper)
+    if config.tracking.wandb is not None:
+        trainer.add_callback(AttachConfig(config))
 
     # Measured after the Trainer has placed the model on its device.
     eval_before = _evaluate(model, tokenizer, splits, config) if config.eval.before_training else None
@@ -286,7 +289,8 @@ def _training_arguments(config: Config, run_dir: Path) -> TrainingArguments:
         gradient_checkpointing=t.gradient_checkpointing,
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
-        report_to="none",
+        report_to=report_to(config, run_dir) or "none",
+        run_name=(config.tracking.wandb.name if config.tracking.wandb else None) or run_dir.name,
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=False,
     )

@@ -11,11 +11,14 @@ mean over the logging interval is logged under its own name.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
+import time
 from collections import defaultdict
 from pathlib import Path
 
-from transformers import Trainer
+import torch
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
 from tunelab.data.packing import REAL_TOKENS_KEY
@@ -29,6 +32,8 @@ class RecipeTrainer(Trainer):
         self._term_sums: dict[str, float] = defaultdict(float)
         self._term_counts: dict[str, int] = defaultdict(int)
         self._staging_root: str | None = None
+        self._rate_clock: tuple[float, int] | None = None  # (time, tokens seen) at the previous log
+        self.add_callback(_StartClock(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {k: v for k, v in inputs.items() if k != REAL_TOKENS_KEY}
@@ -82,4 +87,26 @@ class RecipeTrainer(Trainer):
             self._term_sums.clear()
             self._term_counts.clear()
             logs.update(self.recipe.log_metrics(self.model))
+            logs.update(self._throughput())
         super().log(logs, start_time)
+
+    def _throughput(self) -> dict[str, float]:
+        """Non-padding input tokens per second since the previous log, and peak memory so far."""
+        now, tokens = time.perf_counter(), self.state.num_input_tokens_seen
+        last_time, last_tokens = self._rate_clock or (now, tokens)
+        self._rate_clock = (now, tokens)
+        values = {"tokens_per_s": (tokens - last_tokens) / max(now - last_time, 1e-9),
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if torch.cuda.is_available():
+            values["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        return values
+
+
+class _StartClock(TrainerCallback):
+    """Starts the tokens/s clock when training (or a resumed run) begins, not when the Trainer is built."""
+
+    def __init__(self, trainer: RecipeTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._rate_clock = (time.perf_counter(), state.num_input_tokens_seen)
