@@ -63,10 +63,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tunelab.train.run import train
 
     config = load_config(args.config, args.overrides)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(args.nproc)
     output = args.output or config.output_dir or f"runs/{Path(args.config).stem}"
     train(config, output_dir=output, max_steps=args.max_steps, resume=args.resume, overwrite=args.overwrite,
           allow_config_change=args.allow_config_change)
     return 0
+
+
+def _launch(nproc: int) -> int:
+    """Start ``nproc`` training processes on this machine with torchrun (the config was checked first)."""
+    import subprocess
+
+    argv, skip = [], False
+    for item in sys.argv[1:]:  # the same command line, without --nproc
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            argv.append(item)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "tunelab", *argv]
+    return subprocess.run(command).returncode
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -178,6 +196,8 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-steps", type=_positive_int, help="cap on optimizer steps")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    train.add_argument("--nproc", type=_positive_int, default=1,
+                       help="train with N processes on this machine (torchrun; gloo on CPU, NCCL on GPUs)")
     train.add_argument("--allow-config-change", action="store_true",
                        help="with --resume: continue even though the config differs from the run's")
     train.set_defaults(handler=_cmd_train)

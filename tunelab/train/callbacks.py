@@ -29,12 +29,13 @@ class MetricsLogger(TrainerCallback):
     own values), the same numbers W&B and TensorBoard receive.
     """
 
-    def __init__(self, path: Path, resume_step: int | None = None):
+    def __init__(self, path: Path, resume_step: int | None = None, writer: bool = True):
         """With ``resume_step``, keep the records up to that checkpoint and drop later ones
-        (they are about to be recomputed), so the log never holds a step twice."""
+        (they are about to be recomputed), so the log never holds a step twice. Only the
+        ``writer`` (the main process) touches the file."""
         self.path = path
         self.records: list[dict] = []
-        if resume_step is not None and path.exists():
+        if resume_step is not None and path.exists() and writer:
             kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             self.records = [r for r in kept if r["step"] <= resume_step]
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))

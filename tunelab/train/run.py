@@ -50,6 +50,7 @@ from tunelab.io import atomic_dir, atomic_write_text
 from tunelab.models.load import load_model, load_tokenizer
 from tunelab.recipes import get_recipe_class
 from tunelab.train.callbacks import ConsoleProgress, MetricsLogger
+from tunelab.train.processes import Processes
 from tunelab.train.report import write_loss_plot
 from tunelab.train.stopping import GracefulStop, RunInterrupted, stop_on_signals
 from tunelab.train.tracking import AttachConfig, report_to
@@ -77,14 +78,18 @@ def train(
     if not (output_dir or config.output_dir):
         raise UserError("no run directory: set output_dir in the config or pass --output.")
     run_dir = Path(output_dir or config.output_dir)
-    _prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    procs = Processes()
+    if procs.is_main:
+        _prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    procs.barrier()
 
-    tokenizer = load_tokenizer(config.model)
-    if any(source.format != "text" for source in config.data.datasets + config.data.eval_datasets):
-        apply_template_choice(tokenizer, config.data.chat_template)
-    splits, from_cache = cached_splits(config.data, tokenizer, config.training.seed, build_splits)
+    with procs.main_first():
+        tokenizer = load_tokenizer(config.model)
+        if any(source.format != "text" for source in config.data.datasets + config.data.eval_datasets):
+            apply_template_choice(tokenizer, config.data.chat_template)
+        splits, from_cache = cached_splits(config.data, tokenizer, config.training.seed, build_splits)
     if from_cache:
-        print("tunelab: data: tokenized examples reused from the cache (same files, tokenizer and data settings)")
+        procs.print("tunelab: data: tokenized examples reused from the cache (same files, tokenizer and data settings)")
     retention = encode_sources(
         config.data, config.eval.retention_datasets, "eval.retention_datasets", tokenizer, Counter()
     )[: config.eval.max_samples]
@@ -104,24 +109,26 @@ def train(
     config = _effective_config(config, run_dir, len(train_rows), max_steps)
     if resume and not allow_config_change:
         _refuse_changed_config(run_dir, config)
-    atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
+    if procs.is_main:
+        atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
 
     recipe = get_recipe_class(config.recipe.name)(config.recipe)
     check_optimizer(config.training.optimizer)
-    base = load_model(config.model, **recipe.load_kwargs(config))
+    with procs.main_first():
+        base = load_model(config.model, **recipe.load_kwargs(config))
     set_seed(config.training.seed)  # after loading, so adapter init never depends on what loading drew
     model = recipe.build(base, config)
     trainable, total = _count_parameters(model)
     if trainable == 0:
         raise UserError(f'recipe "{recipe.name}" left no trainable parameters; check recipe.target_modules and its options.')
-    print(f"tunelab: recipe {recipe.name}: {trainable:,} of {total:,} parameters trainable ({trainable / total:.2%}); "
+    procs.print(f"tunelab: recipe {recipe.name}: {trainable:,} of {total:,} parameters trainable ({trainable / total:.2%}); "
           f"{len(splits.train)} train / {len(splits.eval)} eval examples")
     if config.data.packing:
-        print(f"tunelab: packing: {len(splits.train)} examples in {len(train_rows)} rows; padding "
+        procs.print(f"tunelab: packing: {len(splits.train)} examples in {len(train_rows)} rows; padding "
               f"{splits.stats['padding_fraction_unpacked']:.1%} unpacked -> {splits.stats['padding_fraction_packed']:.1%} packed")
 
     checkpoint = _last_checkpoint(run_dir) if resume else None
-    metrics = MetricsLogger(run_dir / "metrics.jsonl", resume_step=_checkpoint_step(checkpoint))
+    metrics = MetricsLogger(run_dir / "metrics.jsonl", resume_step=_checkpoint_step(checkpoint), writer=procs.is_main)
     trainer = RecipeTrainer(
         recipe=recipe,
         model=model,
@@ -137,11 +144,11 @@ def train(
     if config.tracking.wandb is not None:
         trainer.add_callback(AttachConfig(config))
 
-    # Measured after the Trainer has placed the model on its device.
-    eval_before = _evaluate(model, tokenizer, splits, config) if config.eval.before_training else None
+    # Measured after the Trainer has placed the model on its device, by the main process only.
+    eval_before = _evaluate(model, tokenizer, splits, config) if config.eval.before_training and procs.is_main else None
     if eval_before:
         print(f"tunelab: before training: {_describe(eval_before)}")
-    retention_before = _retention(model, retention, tokenizer, config)
+    retention_before = _retention(model, retention, tokenizer, config) if procs.is_main else None
     with stop_on_signals(stopper):
         trainer.train(resume_from_checkpoint=checkpoint)
     if stopper.signal_number is not None:
@@ -153,6 +160,8 @@ def train(
             exit_code=128 + stopper.signal_number,
         )
 
+    if not procs.is_main:  # the main process evaluates and writes the results
+        return TrainResult(run_dir, {}, model, tokenizer)
     eval_after = _evaluate(model, tokenizer, splits, config)
     retention_after = _retention(model, retention, tokenizer, config)
     if retention_before and retention_after:
@@ -292,6 +301,8 @@ def _training_arguments(config: Config, run_dir: Path) -> TrainingArguments:
         report_to=report_to(config, run_dir) or "none",
         run_name=(config.tracking.wandb.name if config.tracking.wandb else None) or run_dir.name,
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),  # multi-process CPU runs need it to form a gloo group
+        ddp_find_unused_parameters=False,  # every trainable parameter takes part in each forward
         disable_tqdm=False,
     )
 
