@@ -38,3 +38,17 @@ def test_tiny_model_never_overwrites_an_existing_folder(capsys, tmp_path):
     code, _, err = run_cli(capsys, "tiny-model", str(tmp_path / "taken"))
     assert code == 2 and "already exists and is not an empty folder" in err
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+def test_checkout_kernels_folder_never_shadows_the_pypi_kernels_package():
+    # transformers imports the PyPI "kernels" package when it is installed; run from the
+    # checkout root, Python would find tunelab's kernels/ folder under that name first.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    code = "import tunelab, sys, transformers.modeling_utils; import tunelab.kernels; print(sys.modules.get('kernels'))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert str(repo / "kernels") not in done.stdout
