@@ -54,7 +54,9 @@ model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'merged')!r}, dtype
 with torch.no_grad():
     torch.save(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, {str(tmp_path / 'logits.pt')!r})
 """
-    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    # Run outside the checkout, as a serving machine would (its kernels/ folder is tunelab's).
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
     expected = probe_logits(load_trained(run.run_dir)[0])
     assert torch.allclose(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=1e-5)
 
