@@ -30,7 +30,12 @@ import yaml
 from accelerate import init_empty_weights
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+)
 
 from tunelab.config import Config, parse_config
 from tunelab.errors import UserError

@@ -141,6 +141,9 @@ def train(
     trainer.add_callback(ConsoleProgress())
     stopper = GracefulStop()
     trainer.add_callback(stopper)
+    if procs.world_size > 1:
+        procs.print(f"tunelab: {procs.world_size} processes ({trainer.accelerator.distributed_type.value}), "
+                    "each with a full replica of the model (DDP)")
     if config.tracking.wandb is not None:
         trainer.add_callback(AttachConfig(config))
 
