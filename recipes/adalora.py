@@ -92,7 +92,6 @@ class Adalora(Lora):
     name = "adalora"
     description = "SVD-form LoRA that prunes its rank budget from init_r to target_r by importance."
     Options = AdaloraOptions
-    mergeable = True
     typical_trainable = "0.39% (init_r=12, all linear layers)"
     options: AdaloraOptions
 

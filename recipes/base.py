@@ -40,13 +40,16 @@ class Recipe:
     # "adapter": only the trained weights are saved (RUN_DIR/adapter);
     # "model": the whole trained model is saved (RUN_DIR/model).
     artifact: ClassVar[Literal["adapter", "model"]]
-    # Whether the result can be folded into the base weights (no extra inference cost).
-    mergeable: ClassVar[bool]
-    # Why `tunelab merge` refuses this method's artifact, and what to do instead ("" = it merges).
+    # Why `tunelab merge` refuses this method's artifact, and what to do instead ("" = it merges:
+    # the result is a plain model with no extra inference cost).
     merge_refusal: ClassVar[str] = ""
     # Share of parameters trained with the default options, on a Llama-3-8B-shaped model
     # (for `tunelab recipes`; the exact count of a run is printed and saved in summary.json).
     typical_trainable: ClassVar[str]
+
+    @classmethod
+    def mergeable(cls) -> bool:
+        return not cls.merge_refusal
 
     def __init__(self, options: RecipeOptions):
         self.options = options

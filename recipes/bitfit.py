@@ -61,7 +61,6 @@ class Bitfit(Recipe):
     description = "Train only bias terms (zero-initialised biases are added where the model has none)."
     Options = BitfitOptions
     artifact = "adapter"
-    mergeable = True
     typical_trainable = "0.017% (biases added to all linear layers)"
     options: BitfitOptions
 

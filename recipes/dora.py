@@ -7,10 +7,6 @@ trainable vector of size out_features per adapted layer to LoRA's count.
 
 from __future__ import annotations
 
-import dataclasses
-
-from peft import LoraConfig
-
 from .base import register
 from .lora import Lora
 
@@ -19,7 +15,5 @@ from .lora import Lora
 class Dora(Lora):
     name = "dora"
     description = "LoRA plus trainable per-channel magnitudes (weight decomposition); merges."
+    peft_flags = {"use_dora": True}
     typical_trainable = "0.28% (r=8, all linear layers)"
-
-    def peft_config(self) -> LoraConfig:
-        return dataclasses.replace(super().peft_config(), use_dora=True)

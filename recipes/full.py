@@ -23,7 +23,6 @@ class Full(Recipe):
     description = "Train every weight; the result is a complete model."
     Options = FullOptions
     artifact = "model"
-    mergeable = False  # nothing to merge: the artifact already is the whole model
     typical_trainable = "100%"
 
     def build(self, model: torch.nn.Module, config: Config) -> torch.nn.Module:

@@ -134,7 +134,6 @@ class Gatera(Lora):
     name = "gatera"
     description = "LoRA whose update is scaled per token by a learned sigmoid gate, with an entropy penalty."
     Options = GateraOptions
-    mergeable = False
     merge_refusal = (
         "its gate depends on each token, so no exact merge into fixed weights exists; serve the adapter instead (tunelab generate RUN)."
     )

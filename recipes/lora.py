@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from peft import LoraConfig, PeftConfig, get_peft_model
@@ -47,14 +47,16 @@ class Lora(Recipe):
     description = "Low-rank adapters on frozen weights; merges into the base."
     Options = LoraOptions
     artifact = "adapter"
-    mergeable = True
     typical_trainable = "0.26% (r=8, all linear layers)"
+    # LoraConfig switches that make a LoRA variant (rsLoRA: use_rslora, DoRA: use_dora).
+    peft_flags: ClassVar[dict[str, bool]] = {}
     options: LoraOptions
 
     def peft_config(self) -> LoraConfig:
-        """The PEFT config for these options (subclasses such as rsLoRA adjust it)."""
+        """The PEFT config for these options and this variant's flags."""
         o = self.options
         return LoraConfig(
+            **self.peft_flags,
             task_type="CAUSAL_LM",
             r=o.r,
             lora_alpha=o.alpha,

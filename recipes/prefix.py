@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import torch
-from peft import PrefixTuningConfig, get_peft_model
+from peft import PeftConfig, PrefixTuningConfig, get_peft_model
 from pydantic import Field
 
 from tunelab.config.schema import Config, RecipeOptions
@@ -28,44 +28,48 @@ class PrefixOptions(RecipeOptions):
     encoder_hidden_size: Annotated[int, Field(ge=1)] = 512
 
 
-def check_prompt_learning(recipe: str, config: Config) -> None:
-    """Prompt-learning adapters need one contiguous sequence per row and un-checkpointed layers."""
-    if config.data.packing:
-        raise UserError(
-            f'recipe "{recipe}" cannot train on packed rows (its virtual tokens would be shared by every example '
-            "of a row); set data.packing: false."
-        )
-    if config.training.gradient_checkpointing:
-        raise UserError(
-            f'recipe "{recipe}" does not work with training.gradient_checkpointing (the re-run layers lose the '
-            "learned prefix); set training.gradient_checkpointing: false — these adapters are small anyway."
-        )
+class PromptLearning(Recipe):
+    """Methods that feed the base learned extra input (prefix tuning, P-tuning) through PEFT."""
+
+    artifact = "adapter"
+
+    def peft_config(self) -> PeftConfig:
+        raise NotImplementedError
+
+    def check(self, config: Config) -> None:
+        """Rows must hold one example each (the virtual tokens belong to it) and layers must not be re-run."""
+        if config.data.packing:
+            raise UserError(
+                f'recipe "{self.name}" cannot train on packed rows (its virtual tokens would be shared by every example '
+                "of a row); set data.packing: false."
+            )
+        if config.training.gradient_checkpointing:
+            raise UserError(
+                f'recipe "{self.name}" does not work with training.gradient_checkpointing (the re-run layers lose the '
+                "learned prefix); set training.gradient_checkpointing: false — these adapters are small anyway."
+            )
+
+    def build(self, model: torch.nn.Module, config: Config) -> torch.nn.Module:
+        return get_peft_model(model, self.peft_config())
 
 
 @register
-class Prefix(Recipe):
+class Prefix(PromptLearning):
     name = "prefix"
     description = "Learned key/value prefixes at every attention layer; base untouched, not mergeable."
     Options = PrefixOptions
-    artifact = "adapter"
-    mergeable = False
     merge_refusal = (
-        "prefix tuning adds learned keys and values as extra input at every layer, and there is no weight to fold them into; serve the adapter instead (tunelab generate RUN, or PEFT)."
+        "prefix tuning adds learned keys and values as extra input at every layer, and there is no weight to fold "
+        "them into; serve the adapter instead (tunelab generate RUN, or PEFT)."
     )
     typical_trainable = "0.016% (20 virtual tokens)"
     options: PrefixOptions
 
-    def check(self, config: Config) -> None:
-        check_prompt_learning(self.name, config)
-
-    def build(self, model: torch.nn.Module, config: Config) -> torch.nn.Module:
+    def peft_config(self) -> PrefixTuningConfig:
         o = self.options
-        return get_peft_model(
-            model,
-            PrefixTuningConfig(
-                task_type="CAUSAL_LM",
-                num_virtual_tokens=o.num_virtual_tokens,
-                prefix_projection=o.projection,
-                encoder_hidden_size=o.encoder_hidden_size,
-            ),
+        return PrefixTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=o.num_virtual_tokens,
+            prefix_projection=o.projection,
+            encoder_hidden_size=o.encoder_hidden_size,
         )

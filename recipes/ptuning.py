@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-import torch
-from peft import PromptEncoderConfig, get_peft_model
+from peft import PromptEncoderConfig
 from pydantic import Field
 
-from tunelab.config.schema import Config, RecipeOptions
+from tunelab.config.schema import RecipeOptions
 
-from .base import Recipe, register
-from .prefix import check_prompt_learning
+from .base import register
+from .prefix import PromptLearning
 
 
 class PtuningOptions(RecipeOptions):
@@ -30,30 +29,23 @@ class PtuningOptions(RecipeOptions):
 
 
 @register
-class Ptuning(Recipe):
+class Ptuning(PromptLearning):
     name = "ptuning"
     description = "Soft prompt produced by a trained MLP/LSTM prompt encoder; base untouched, not mergeable."
     Options = PtuningOptions
-    artifact = "adapter"
-    mergeable = False
     merge_refusal = (
-        "P-tuning prepends a learned soft prompt to the input, and there is no weight to fold it into; serve the adapter instead (tunelab generate RUN, or PEFT)."
+        "P-tuning prepends a learned soft prompt to the input, and there is no weight to fold it into; "
+        "serve the adapter instead (tunelab generate RUN, or PEFT)."
     )
     typical_trainable = "0.63% (20 virtual tokens, MLP encoder of hidden size)"
     options: PtuningOptions
 
-    def check(self, config: Config) -> None:
-        check_prompt_learning(self.name, config)
-
-    def build(self, model: torch.nn.Module, config: Config) -> torch.nn.Module:
+    def peft_config(self) -> PromptEncoderConfig:
         o = self.options
-        return get_peft_model(
-            model,
-            PromptEncoderConfig(
-                task_type="CAUSAL_LM",
-                num_virtual_tokens=o.num_virtual_tokens,
-                encoder_reparameterization_type=o.encoder,
-                encoder_hidden_size=o.encoder_hidden_size,
-                encoder_dropout=o.encoder_dropout,
-            ),
+        return PromptEncoderConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=o.num_virtual_tokens,
+            encoder_reparameterization_type=o.encoder,
+            encoder_hidden_size=o.encoder_hidden_size,
+            encoder_dropout=o.encoder_dropout,
         )

@@ -6,10 +6,6 @@ than low ones; alpha/sqrt(r) keeps the update's size stable across ranks.
 
 from __future__ import annotations
 
-import dataclasses
-
-from peft import LoraConfig
-
 from .base import register
 from .lora import Lora
 
@@ -18,7 +14,5 @@ from .lora import Lora
 class RsLora(Lora):
     name = "rslora"
     description = "LoRA with rank-stabilised scaling alpha/sqrt(r); pick high ranks safely."
+    peft_flags = {"use_rslora": True}
     typical_trainable = "0.26% (r=8, all linear layers)"
-
-    def peft_config(self) -> LoraConfig:
-        return dataclasses.replace(super().peft_config(), use_rslora=True)

@@ -154,7 +154,7 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
     for name, recipe in sorted(REGISTRY.items()):
         print(f"{name}: {recipe.description}")
         print(f"    trainable share on an 8B Llama: {recipe.typical_trainable} · mergeable: "
-              f"{'yes' if recipe.mergeable else 'no'} · saves {recipe.artifact}/")
+              f"{'yes' if recipe.mergeable() else 'no'} · saves {recipe.artifact}/")
         options = [f"{key}={field.default!r}" for key, field in recipe.Options.model_fields.items() if key != "name"]
         print(f"    options: {', '.join(options) if options else '(none)'}")
     return 0

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from tunelab.errors import UserError
 from tunelab.export.gguf_export import export_gguf
-from tunelab.export.merge import _read_run, merge_run
+from tunelab.export.merge import merge_run
 from tunelab.io import atomic_dir
 from tunelab.models.load import BUILTIN_PREFIX, resolve_model_path
+from tunelab.models.trained import read_run
 
 FORMATS = ("gguf", "safetensors", "peft")
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -46,12 +47,12 @@ def export(source: str | Path, fmt: str, output: str | Path, quant: str = "f16",
 
 
 def _export_peft(run_dir: Path, output: Path) -> dict:
-    config, recipe = _read_run(run_dir)
+    config, recipe = read_run(run_dir)
     adapter = run_dir / "adapter"
     saved = json.loads((adapter / "adapter_config.json").read_text()) if (adapter / "adapter_config.json").is_file() else {}
     if recipe.artifact != "adapter" or saved.get("peft_type") in (None, "GATERA"):
         raise UserError(f'recipe "{recipe.name}" does not produce a PEFT adapter; export it with --format safetensors'
-                        + (" (after checking it merges: see tunelab recipes)." if recipe.mergeable else "."))
+                        + (" (after checking it merges: see tunelab recipes)." if recipe.mergeable() else "."))
     # Record the base the user named (a hub id stays a hub id); a built-in model is only
     # loadable from tunelab's cache, so its local folder is recorded instead.
     name = config.model.name_or_path

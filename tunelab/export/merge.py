@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import init_empty_weights
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -37,11 +36,10 @@ from transformers import (
     GenerationConfig,
 )
 
-from tunelab.config import Config, parse_config
 from tunelab.errors import UserError
 from tunelab.io import atomic_dir
 from tunelab.models.load import resolve_model_path
-from tunelab.recipes import Recipe, get_recipe_class
+from tunelab.models.trained import read_run
 
 PEFT_PREFIX = "base_model.model."
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -160,7 +158,7 @@ def merge_run(run_dir: str | Path, output_dir: str | Path, qlora_base: str = "de
               max_shard_bytes: int = 5 * 2**30) -> dict:
     """Write the merged model of ``run_dir`` to ``output_dir`` (atomically); return a small report."""
     run_dir, output_dir = Path(run_dir), Path(output_dir)
-    config, recipe = _read_run(run_dir)
+    config, recipe = read_run(run_dir)
     artifact = run_dir / recipe.artifact
     if recipe.merge_refusal:
         raise UserError(f'{run_dir} was trained with recipe "{recipe.name}": {recipe.merge_refusal}')
@@ -195,9 +193,10 @@ def merge_run(run_dir: str | Path, output_dir: str | Path, qlora_base: str = "de
         for name, tensor in extra.items():
             if name not in names:
                 writer.add(name, tensor)
-        bias_dtype = next(iter(extra.values())).dtype if extra else torch.float32
-        for name, tensor in _zero_biases(model_config, names | set(extra), bias_dtype).items():
-            writer.add(name, tensor)
+        if extra:  # BitFit: biases the new config flags declare but training did not touch
+            bias_dtype = next(iter(extra.values())).dtype
+            for name, tensor in _zero_biases(model_config, names | set(extra), bias_dtype).items():
+                writer.add(name, tensor)
         total = writer.close()
         model_config.save_pretrained(staging)
         _generation_config(base_dir, model_config).save_pretrained(staging)
@@ -206,14 +205,6 @@ def merge_run(run_dir: str | Path, output_dir: str | Path, qlora_base: str = "de
     return {"recipe": recipe.name, "output": str(output_dir), "bytes": total, "shards": len(writer.shards),
             "peak_tensor_bytes": writer.peak_bytes, "merged_weights": len(merged), "qlora_base": qlora_base
             if recipe.name == "qlora" else None}
-
-
-def _read_run(run_dir: Path) -> tuple[Config, Recipe]:
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise UserError(f"{run_dir} is not a tunelab run directory (no config.yaml); point at the folder tunelab train wrote.")
-    config = parse_config(yaml.safe_load(config_path.read_text()), source=str(config_path))
-    return config, get_recipe_class(config.recipe.name)(config.recipe)
 
 
 def _generation_config(base_dir: Path, model_config) -> GenerationConfig:

@@ -14,28 +14,31 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from tunelab.config import parse_config
+from tunelab.config import Config, parse_config
 from tunelab.errors import UserError
 from tunelab.models.load import load_model, resolve_dtype
-from tunelab.recipes import get_recipe_class
+from tunelab.recipes import Recipe, get_recipe_class
+
+
+def read_run(run_dir: str | Path) -> tuple[Config, Recipe]:
+    """The resolved config a run saved, and its recipe; a user error for a folder that is no run."""
+    config_path = Path(run_dir) / "config.yaml"
+    if not config_path.is_file():
+        raise UserError(f"{run_dir} is not a tunelab run directory (no config.yaml); point at the folder tunelab train wrote.")
+    config = parse_config(yaml.safe_load(config_path.read_text()), source=str(config_path))
+    return config, get_recipe_class(config.recipe.name)(config.recipe)
 
 
 def load_trained(run_dir: str | Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """(model in eval mode, tokenizer) of the run saved in ``run_dir``."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise UserError(f"{run_dir} is not a tunelab run directory (no config.yaml); point at the folder tunelab train wrote.")
-    config = parse_config(yaml.safe_load(config_path.read_text()), source=str(config_path))
-    recipe = get_recipe_class(config.recipe.name)(config.recipe)
-    artifact = run_dir / recipe.artifact
+    config, recipe = read_run(run_dir)
+    artifact = Path(run_dir) / recipe.artifact
     if not artifact.is_dir():
         raise UserError(f"{run_dir} has no {recipe.artifact}/ folder; the run did not finish (resume it with --resume).")
     if recipe.artifact == "model":
         model = AutoModelForCausalLM.from_pretrained(artifact, dtype=resolve_dtype(config.model.dtype))
     else:
-        base = load_model(config.model, **recipe.load_kwargs(config))
-        model = recipe.load_artifact(base, artifact)
+        model = recipe.load_artifact(load_model(config.model, **recipe.load_kwargs(config)), artifact)
     return model.eval(), AutoTokenizer.from_pretrained(artifact)
 
 
@@ -52,6 +55,5 @@ def load_model_or_run(reference: str | Path) -> tuple[torch.nn.Module, PreTraine
 
 def load_run_base(run_dir: str | Path) -> torch.nn.Module:
     """The base model a run started from, loaded as that run loaded it (e.g. in 4 bit for QLoRA)."""
-    config = parse_config(yaml.safe_load((Path(run_dir) / "config.yaml").read_text()))
-    recipe = get_recipe_class(config.recipe.name)(config.recipe)
+    config, recipe = read_run(run_dir)
     return load_model(config.model, **recipe.load_kwargs(config)).eval()
