@@ -142,7 +142,9 @@ class Gatera(Lora):
 
     def __init__(self, options: GateraOptions):
         super().__init__(options)
-        self._stats = {"sum": 0.0, "near_0": 0.0, "near_1": 0.0, "count": 0}
+        # [sum of gates, gates near 0, gates near 1, gate count] since the last log, kept on the
+        # gates' device so the training step never waits for a host copy.
+        self._stats: torch.Tensor | None = None
 
     def peft_config(self) -> GateraConfig:
         o = self.options
@@ -163,25 +165,19 @@ class Gatera(Lora):
             gates = token_gates(layer, mask)
             per_layer.append(binary_entropy(gates).mean())
             with torch.no_grad():
-                self._stats["sum"] += float(gates.sum())
-                self._stats["near_0"] += float((gates < NEAR).sum())
-                self._stats["near_1"] += float((gates > 1 - NEAR).sum())
-                self._stats["count"] += gates.numel()
+                counts = torch.stack([gates.sum(), (gates < NEAR).sum(), (gates > 1 - NEAR).sum(),
+                                      torch.tensor(gates.numel(), device=gates.device)]).double()
+                self._stats = counts if self._stats is None else self._stats + counts
         if not per_layer or self.options.entropy_weight == 0:
             return {}
         return {"gate_entropy_loss": self.options.entropy_weight * torch.stack(per_layer).mean()}
 
     def log_metrics(self, model: torch.nn.Module) -> dict[str, float]:
-        count = self._stats["count"]
-        if not count:
+        if self._stats is None or not self._stats[3]:
             return {}
-        metrics = {
-            "gate_mean": self._stats["sum"] / count,
-            "gate_near_0": self._stats["near_0"] / count,
-            "gate_near_1": self._stats["near_1"] / count,
-        }
-        self._stats = {"sum": 0.0, "near_0": 0.0, "near_1": 0.0, "count": 0}
-        return metrics
+        total, near_0, near_1, count = self._stats.tolist()
+        self._stats = None
+        return {"gate_mean": total / count, "gate_near_0": near_0 / count, "gate_near_1": near_1 / count}
 
     def save(self, model: torch.nn.Module, directory: Path) -> None:
         model.save_pretrained(directory)

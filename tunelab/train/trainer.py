@@ -29,14 +29,15 @@ class RecipeTrainer(Trainer):
     def __init__(self, *args, recipe: Recipe, **kwargs):
         super().__init__(*args, **kwargs)
         self.recipe = recipe
-        self._term_sums: dict[str, float] = defaultdict(float)
+        self._term_sums: dict[str, torch.Tensor | float] = defaultdict(float)
         self._term_counts: dict[str, int] = defaultdict(int)
         self._staging_root: str | None = None
         self._rate_clock: tuple[float, int] | None = None  # (time, tokens seen) at the previous log
         self.add_callback(_StartClock(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = {k: v for k, v in inputs.items() if k != REAL_TOKENS_KEY}
+        if REAL_TOKENS_KEY in inputs:  # packed batches only: counted by the Trainer, not a model input
+            inputs = {k: v for k, v in inputs.items() if k != REAL_TOKENS_KEY}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         terms = self.recipe.loss_terms(model, inputs) if model.training else {}
         if terms:
@@ -46,7 +47,7 @@ class RecipeTrainer(Trainer):
             divisor = self.current_gradient_accumulation_steps if scaled_for_accumulation else 1
             for name, value in terms.items():
                 loss = loss + value / divisor
-                self._term_sums[name] += float(value.detach())
+                self._term_sums[name] = self._term_sums[name] + value.detach()  # stays on device until logged
                 self._term_counts[name] += 1
         return (loss, outputs) if return_outputs else loss
 
@@ -83,7 +84,7 @@ class RecipeTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             for name, total in self._term_sums.items():
-                logs[name] = total / self._term_counts[name]
+                logs[name] = float(total) / self._term_counts[name]
             self._term_sums.clear()
             self._term_counts.clear()
             logs.update(self.recipe.log_metrics(self.model))
