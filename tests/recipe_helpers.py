@@ -6,6 +6,7 @@ import contextlib
 from pathlib import Path
 
 import torch
+import yaml
 from tunelab.recipes import get_recipe_class
 
 from tunelab.config import Config, load_config, parse_config
@@ -59,3 +60,15 @@ def build(recipe: dict, **training) -> torch.nn.Module:
     recipe_obj = get_recipe_class(config.recipe.name)(config.recipe)
     torch.manual_seed(0)
     return recipe_obj.build(load_model(config.model, **recipe_obj.load_kwargs(config)), config)
+
+
+def run_yaml(recipe: str = "lora", **training) -> str:
+    """YAML of a small r=8 run of ``recipe`` on the quickstart data, no eval generation; ``training`` fields added."""
+    return yaml.safe_dump({
+        "model": {"name_or_path": "builtin:tiny-llama", "dtype": "float32"},
+        "recipe": {"name": recipe, "r": 8, "alpha": 16},
+        "data": {"datasets": [{"path": str(REPO / "configs/data/quickstart/train.jsonl"), "format": "prompt_completion"}],
+                 "max_length": 64},
+        "training": {"micro_batch_size": 8, "learning_rate": 1.0e-3, "seed": 3, **training},
+        "eval": {"before_training": False, "exact_match": False},
+    })

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 from conftest import run_cli, write_config
-from recipe_helpers import REPO
+from recipe_helpers import run_yaml
 from safetensors.torch import load_file
 from transformers import Trainer
 
@@ -22,15 +22,7 @@ from tunelab.train.trainer import RecipeTrainer
 
 
 def config_text(steps: int, save_steps: int) -> str:
-    return f"""
-model: {{name_or_path: "builtin:tiny-llama", dtype: float32}}
-recipe: {{name: lora, r: 8, alpha: 16}}
-data:
-  datasets: [{{path: {REPO / 'configs/data/quickstart/train.jsonl'}, format: prompt_completion}}]
-  max_length: 64
-training: {{max_steps: {steps}, micro_batch_size: 8, learning_rate: 1.0e-3, save_steps: {save_steps}, save_total_limit: 5, seed: 3}}
-eval: {{before_training: false, exact_match: false}}
-"""
+    return run_yaml(max_steps=steps, save_steps=save_steps, save_total_limit=5)
 
 
 def losses(run_dir) -> dict[int, float]:

@@ -9,19 +9,11 @@ import sys
 
 import torch
 from conftest import write_config
-from recipe_helpers import REPO, probe_logits
+from recipe_helpers import probe_logits, run_yaml
 
 from tunelab.models.trained import load_trained
 
-CONFIG = f"""
-model: {{name_or_path: "builtin:tiny-llama", dtype: float32}}
-recipe: {{name: lora, r: 8, alpha: 16}}
-data:
-  datasets: [{{path: {REPO / 'configs/data/quickstart/train.jsonl'}, format: prompt_completion}}]
-  max_length: 64
-training: {{max_steps: 6, micro_batch_size: 8, learning_rate: 1.0e-3, seed: 3, save_steps: 3}}
-eval: {{before_training: false, exact_match: false}}
-"""
+CONFIG = run_yaml(max_steps=6, save_steps=3)
 
 
 def run(config, out, *extra) -> subprocess.CompletedProcess:

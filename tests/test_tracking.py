@@ -7,21 +7,13 @@ from pathlib import Path
 
 import pytest
 from conftest import write_config
-from recipe_helpers import REPO
+from recipe_helpers import run_yaml
 
 from tunelab.config import load_config
 from tunelab.errors import UserError
 from tunelab.train.run import train
 
-CONFIG = f"""
-model: {{name_or_path: "builtin:tiny-llama", dtype: float32}}
-recipe: {{name: gatera, r: 8, alpha: 16}}
-data:
-  datasets: [{{path: {REPO / 'configs/data/quickstart/train.jsonl'}, format: prompt_completion}}]
-  max_length: 64
-training: {{max_steps: 4, micro_batch_size: 8}}
-eval: {{before_training: false, exact_match: false}}
-"""
+CONFIG = run_yaml("gatera", max_steps=4)
 
 
 @pytest.fixture
@@ -53,7 +45,7 @@ def wandb_records(path: Path):
 
 
 def test_wandb_offline_run_holds_every_step_and_the_config(clean_wandb_env, tmp_path, capsys):
-    config = write_config(tmp_path, CONFIG + "tracking: {wandb: {project: tunelab-test, tags: [tiny, ci], notes: hello}}\n")
+    config = write_config(tmp_path, CONFIG + "\ntracking: {wandb: {project: tunelab-test, tags: [tiny, ci], notes: hello}}\n")
     result = train(load_config(config), output_dir=tmp_path / "run")
     assert "W&B: no credentials found, logging offline to" in capsys.readouterr().out
     files = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -80,7 +72,7 @@ def test_wandb_offline_run_holds_every_step_and_the_config(clean_wandb_env, tmp_
 def test_tensorboard_gets_the_same_scalars(clean_wandb_env, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    config = write_config(tmp_path, CONFIG + "tracking: {tensorboard: true}\n")
+    config = write_config(tmp_path, CONFIG + "\ntracking: {tensorboard: true}\n")
     result = train(load_config(config), output_dir=tmp_path / "run")
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
@@ -95,6 +87,6 @@ def test_missing_tracking_package_is_a_clear_error(clean_wandb_env, tmp_path, mo
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "wandb" else real(n, *a))
-    config = write_config(tmp_path, CONFIG + "tracking: {wandb: {project: x}}\n")
+    config = write_config(tmp_path, CONFIG + "\ntracking: {wandb: {project: x}}\n")
     with pytest.raises(UserError, match=r'tracking.wandb needs the wandb package.*pip install "tunelab\[tracking\]"'):
         train(load_config(config), output_dir=tmp_path / "run")

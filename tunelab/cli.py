@@ -21,7 +21,9 @@ EXIT_USER_ERROR = 2
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv  # what --nproc relaunches
     if not args.debug:
         _quiet_libraries()
     # Overrides may follow options (`train c.yaml --output d lr=1`): argparse leaves them over.
@@ -64,26 +66,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch(args.nproc)
+        return _launch(args.nproc, args.argv)
     output = args.output or config.output_dir or f"runs/{Path(args.config).stem}"
     train(config, output_dir=output, max_steps=args.max_steps, resume=args.resume, overwrite=args.overwrite,
           allow_config_change=args.allow_config_change)
     return 0
 
 
-def _launch(nproc: int) -> int:
+def _launch(nproc: int, argv: Sequence[str]) -> int:
     """Start ``nproc`` training processes on this machine with torchrun (the config was checked first)."""
     import subprocess
 
-    argv, skip = [], False
-    for item in sys.argv[1:]:  # the same command line, without --nproc
+    kept, skip = [], False
+    for item in argv:  # the same command line, without --nproc
         if skip:
             skip = False
         elif item == "--nproc":
             skip = True
         elif not item.startswith("--nproc="):
-            argv.append(item)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "tunelab", *argv]
+            kept.append(item)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "tunelab", *kept]
     return subprocess.run(command).returncode
 
 

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from tunelab.config import Config
 from tunelab.data.cache import cached_splits
 from tunelab.data.encode import IGNORE_INDEX, Encoded, Splits, build_splits
-from tunelab.data.packing import pack, padding_fraction
+from tunelab.data.packing import pack_with_report, padding_fraction
 from tunelab.data.templates import apply_template_choice
 from tunelab.models.load import load_tokenizer
 
@@ -71,12 +71,10 @@ def statistics(splits: Splits, config: Config) -> list[str]:
     )
     lines += [f"{key}: {value}" for key, value in sorted(stats.items()) if key.endswith(" examples")]
     batch = config.training.micro_batch_size
-    unpacked = padding_fraction([len(e.input_ids) for e in splits.train], batch)
     if config.data.packing:
-        rows = pack(splits.train, config.data.max_length)
-        packed = padding_fraction([sum(len(e.input_ids) for e in row) for row in rows], batch)
-        lines.append(f"packing: {len(splits.train)} examples in {len(rows)} rows; padding {unpacked:.1%} unpacked -> {packed:.1%} packed")
+        lines.append(pack_with_report(splits.train, config.data.max_length, batch)[2])
     else:
+        unpacked = padding_fraction([len(e.input_ids) for e in splits.train], batch)
         lines.append(f"padding at micro_batch_size {batch}: {unpacked:.1%} of tokens (data.packing is off)")
     return lines
 

@@ -50,6 +50,16 @@ def padding_fraction(lengths: Sequence[int], batch_size: int) -> float:
     return 1 - sum(lengths) / padded if padded else 0.0
 
 
+def pack_with_report(examples: Sequence[Encoded], max_length: int, batch_size: int) -> tuple[list[list[Encoded]], dict, str]:
+    """Packed rows, the counts that go into summary.json, and the line that reports them."""
+    rows = pack(examples, max_length)
+    unpacked = padding_fraction([len(e.input_ids) for e in examples], batch_size)
+    packed = padding_fraction([sum(len(e.input_ids) for e in row) for row in rows], batch_size)
+    stats = {"packed_rows": len(rows), "padding_fraction_unpacked": round(unpacked, 4), "padding_fraction_packed": round(packed, 4)}
+    line = f"packing: {len(examples)} examples in {len(rows)} rows; padding {unpacked:.1%} unpacked -> {packed:.1%} packed"
+    return rows, stats, line
+
+
 class PackCollator:
     """Batch packed rows: per-example position ids, first label of each example masked, no attention mask."""
 

@@ -42,7 +42,7 @@ from tunelab.config import Config, config_to_yaml
 from tunelab.data.cache import cached_splits
 from tunelab.data.collate import PadCollator
 from tunelab.data.encode import Splits, build_splits, encode_sources
-from tunelab.data.packing import PackCollator, pack, padding_fraction
+from tunelab.data.packing import PackCollator, pack_with_report
 from tunelab.data.templates import apply_template_choice
 from tunelab.errors import UserError
 from tunelab.eval.heldout import exact_match, heldout_loss
@@ -93,19 +93,16 @@ def train(
     retention = encode_sources(
         config.data, config.eval.retention_datasets, "eval.retention_datasets", tokenizer, Counter()
     )[: config.eval.max_samples]
-    # The saved config records what this run really did: its folder and its step count,
-    # so `tunelab train RUN/config.yaml` reproduces it even when CLI flags shaped it.
     if config.data.packing:
-        train_rows = pack(splits.train, config.data.max_length)
-        collator = PackCollator(tokenizer.pad_token_id)
-        lengths = [len(e.input_ids) for e in splits.train]
-        splits.stats["packed_rows"] = len(train_rows)
-        splits.stats["padding_fraction_unpacked"] = round(padding_fraction(lengths, config.training.micro_batch_size), 4)
-        splits.stats["padding_fraction_packed"] = round(
-            padding_fraction([sum(len(e.input_ids) for e in row) for row in train_rows], config.training.micro_batch_size), 4
+        train_rows, packing_stats, packing_line = pack_with_report(
+            splits.train, config.data.max_length, config.training.micro_batch_size
         )
+        splits.stats.update(packing_stats)
+        collator = PackCollator(tokenizer.pad_token_id)
     else:
         train_rows, collator = splits.train, PadCollator(tokenizer.pad_token_id)
+    # The saved config records what this run really did: its folder and its step count,
+    # so `tunelab train RUN/config.yaml` reproduces it even when CLI flags shaped it.
     config = _effective_config(config, run_dir, len(train_rows), max_steps)
     if resume and not allow_config_change:
         _refuse_changed_config(run_dir, config)
@@ -124,8 +121,7 @@ def train(
     procs.print(f"tunelab: recipe {recipe.name}: {trainable:,} of {total:,} parameters trainable ({trainable / total:.2%}); "
           f"{len(splits.train)} train / {len(splits.eval)} eval examples")
     if config.data.packing:
-        procs.print(f"tunelab: packing: {len(splits.train)} examples in {len(train_rows)} rows; padding "
-              f"{splits.stats['padding_fraction_unpacked']:.1%} unpacked -> {splits.stats['padding_fraction_packed']:.1%} packed")
+        procs.print(f"tunelab: {packing_line}")
 
     checkpoint = _last_checkpoint(run_dir) if resume else None
     metrics = MetricsLogger(run_dir / "metrics.jsonl", resume_step=_checkpoint_step(checkpoint), writer=procs.is_main)
