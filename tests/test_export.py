@@ -72,14 +72,14 @@ def test_qlora_merges_into_the_dequantized_base_by_default_because_it_is_closer(
     assert dtypes == {torch.float32}  # never 4-bit
 
 
-def test_merge_holds_about_one_shard_of_weights_at_a_time(runs_dir, tmp_path):
+def test_merge_buffers_at_most_one_shard(runs_dir, tmp_path):
+    # The weights pass through one tensor at a time; what accumulates is the output shard,
+    # capped here 8x below the model. (The slow test caps the whole process's memory.)
     run = train_tiny("lora", runs_dir)
     cap = 300_000
     report = merge_run(run.run_dir, tmp_path / "merged", max_shard_bytes=cap)
-    # The whole model is ~2.5 MB; the merge never held more than a shard plus one tensor being merged.
-    largest_tensor = 512 * 128 * 4
     assert report["bytes"] > 8 * cap
-    assert report["peak_tensor_bytes"] <= cap + 3 * largest_tensor < report["bytes"] / 2
+    assert 0 < report["peak_buffer_bytes"] <= cap
 
 
 @pytest.mark.parametrize("name", ["prefix", "ptuning", "gatera"])

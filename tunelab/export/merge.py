@@ -53,11 +53,7 @@ class ShardWriter:
         self.buffer: dict[str, torch.Tensor] = {}
         self.buffer_bytes = 0
         self.shards: list[list[str]] = []
-        self.peak_bytes = 0  # largest amount of tensor data held at once
-
-    def note_transient(self, size: int) -> None:
-        """Count ``size`` bytes held beside the buffer while the next tensor is prepared."""
-        self.peak_bytes = max(self.peak_bytes, self.buffer_bytes + size)
+        self.peak_bytes = 0  # largest amount of tensor data the output buffer held
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
@@ -186,8 +182,6 @@ def merge_run(run_dir: str | Path, output_dir: str | Path, qlora_base: str = "de
         writer = ShardWriter(staging, max_shard_bytes)
         names = set()
         for name, tensor in checkpoint_tensors(base_dir):
-            # Held at once: the output buffer, this input tensor and its merged copy (with one fp32 temporary).
-            writer.note_transient(3 * tensor.numel() * 4)
             writer.add(name, transforms.get(name, lambda w: w)(tensor) if name not in extra else extra[name])
             names.add(name)
         for name, tensor in extra.items():
@@ -203,7 +197,7 @@ def merge_run(run_dir: str | Path, output_dir: str | Path, qlora_base: str = "de
         AutoTokenizer.from_pretrained(artifact).save_pretrained(staging)
     merged = sorted(transforms) if recipe.artifact == "adapter" else []
     return {"recipe": recipe.name, "output": str(output_dir), "bytes": total, "shards": len(writer.shards),
-            "peak_tensor_bytes": writer.peak_bytes, "merged_weights": len(merged), "qlora_base": qlora_base
+            "peak_buffer_bytes": writer.peak_bytes, "merged_weights": len(merged), "qlora_base": qlora_base
             if recipe.name == "qlora" else None}
 
 
