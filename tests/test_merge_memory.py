@@ -53,7 +53,8 @@ resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 {action}
 """
         env = {"OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1", "PATH": "/usr/bin:/bin", "TUNELAB_CACHE": str(tmp_path)}
-        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+        # Outside the checkout: its kernels/ folder would shadow the PyPI package transformers imports.
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
 
     merged = capped(f"print('bytes', merge_run({str(run)!r}, {str(tmp_path / 'merged')!r}, max_shard_bytes=32 * 2**20)['bytes'])")
     assert merged.returncode == 0, merged.stderr[-2000:]
