@@ -80,6 +80,23 @@ class Recipe:
         """
         return {}
 
+    # True when ``objective`` reads ``outputs.logits``: the trainer must then run the plain
+    # forward pass, never a fused loss path that skips materialising the logits.
+    needs_logits: ClassVar[bool] = False
+
+    def objective(
+        self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], outputs: Any, lm_loss: torch.Tensor,
+        token_divisor: torch.Tensor | float,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss to optimise for the batch just run, and values to log beside it (not added to the loss).
+
+        Called by the trainer after the forward pass with the model's ``outputs`` and its language-model
+        loss. A per-token sum divided by ``token_divisor`` is on the scale of ``lm_loss`` (the Trainer's
+        normalisation for gradient accumulation and several processes). Default: the LM loss unchanged.
+        Distillation replaces it with a mix of a divergence from the teacher and the LM loss.
+        """
+        return lm_loss, {}
+
     def log_metrics(self, model: torch.nn.Module) -> dict[str, float]:
         """Values written with the loss at every logging step (e.g. rank budget, gate statistics)."""
         return {}

@@ -39,6 +39,9 @@ class RecipeTrainer(Trainer):
         if REAL_TOKENS_KEY in inputs:  # packed batches only: counted by the Trainer, not a model input
             inputs = {k: v for k, v in inputs.items() if k != REAL_TOKENS_KEY}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            loss, logged = self.recipe.objective(model, inputs, outputs, loss, self._token_divisor(inputs, num_items_in_batch))
+            self._add_to_log(logged)
         terms = self.recipe.loss_terms(model, inputs) if model.training else {}
         if terms:
             # When the LM loss is already normalised over the whole accumulated batch the
@@ -47,9 +50,25 @@ class RecipeTrainer(Trainer):
             divisor = self.current_gradient_accumulation_steps if scaled_for_accumulation else 1
             for name, value in terms.items():
                 loss = loss + value / divisor
-                self._term_sums[name] = self._term_sums[name] + value.detach()  # stays on device until logged
-                self._term_counts[name] += 1
+            self._add_to_log(terms)
         return (loss, outputs) if return_outputs else loss
+
+    def _add_to_log(self, values: dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            self._term_sums[name] = self._term_sums[name] + value.detach()  # stays on device until logged
+            self._term_counts[name] += 1
+
+    def _token_divisor(self, inputs: dict[str, torch.Tensor], num_items_in_batch) -> torch.Tensor | float:
+        """What a per-token loss sum is divided by to match the Trainer's LM loss of this micro-batch.
+
+        With ``num_items_in_batch`` the model normalises over the whole accumulated batch (and the
+        Trainer multiplies by the process count when averaging tokens across devices); otherwise the
+        LM loss is this micro-batch's mean over its trained tokens.
+        """
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+            return num_items_in_batch / scale
+        return (inputs["labels"][:, 1:] != -100).sum().clamp(min=1)
 
     def _get_output_dir(self, trial):
         return self._staging_root or super()._get_output_dir(trial)
