@@ -171,6 +171,23 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0 if all("error" not in row for row in rows) else 1
 
 
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from tunelab.synth.config import load_synth_config
+    from tunelab.synth.run import format_report, synthesize
+
+    config = load_synth_config(args.config, args.overrides)
+    output = Path(args.output or config.output_dir or f"runs/{Path(args.config).stem}")
+    print(format_report(synthesize(config, output), output))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from tunelab.pipeline import load_pipeline, run_pipeline
+
+    run_pipeline(load_pipeline(args.pipeline, args.overrides))
+    return 0
+
+
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from tunelab.models.tiny import build_tiny_model
 
@@ -261,6 +278,18 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="override applied to every config (repeatable)")
     compare.add_argument("--output", default="runs/compare", help="folder for the runs and the table (default runs/compare)")
     compare.set_defaults(handler=_cmd_compare)
+
+    synth = verbs.add_parser("synth", parents=[common], help="generate a filtered, deduplicated dataset with a teacher model")
+    synth.add_argument("config", help="synth YAML config (see configs/tiny/synth.yaml)")
+    synth.add_argument("overrides", nargs="*", metavar="key.sub=value", help="OmegaConf dotlist overrides")
+    synth.add_argument("--output", help="folder for data.jsonl and report.json (default: the config's output_dir, "
+                       "else runs/<config name>); a rerun into it reuses what was generated")
+    synth.set_defaults(handler=_cmd_synth)
+
+    run = verbs.add_parser("run", parents=[common], help="run a pipeline of stages (train, synth, eval); unchanged stages are skipped")
+    run.add_argument("pipeline", help="pipeline YAML (see configs/tiny/pipeline.yaml)")
+    run.add_argument("overrides", nargs="*", metavar="key.sub=value", help="OmegaConf dotlist overrides of the pipeline file")
+    run.set_defaults(handler=_cmd_run)
 
     tiny = verbs.add_parser("tiny-model", parents=[common], help="write a tiny Llama model + tokenizer folder")
     tiny.add_argument("out_dir")

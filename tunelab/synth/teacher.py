@@ -1,0 +1,48 @@
+"""Load a teacher: any causal LM tunelab can load, and check that two tokenizers agree.
+
+A teacher may be a tunelab run folder (its trained adapter or model, rebuilt exactly as
+trained by ``load_trained``), a Hugging Face folder, a hub id or a built-in model. Both
+``tunelab synth`` and the ``distill`` recipe load teachers through here, so the same
+reference means the same model in both.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from tunelab.config.schema import ModelConfig
+from tunelab.errors import UserError
+from tunelab.io import expand_path, looks_like_local_path
+from tunelab.models.load import load_model, load_tokenizer
+from tunelab.models.trained import load_trained
+
+
+def load_teacher(reference: str, key: str, dtype: str = "auto") -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """(model in eval mode, tokenizer) for ``reference``; ``key`` names the config key in errors."""
+    path = expand_path(reference)
+    if (path / "config.yaml").is_file():  # a tunelab run: the trained model, not its base
+        model, tokenizer = load_trained(path)
+    else:
+        if not path.exists() and looks_like_local_path(reference):
+            raise UserError(f'{key} "{reference}" does not exist; train the teacher first or fix the path.')
+        config = ModelConfig(name_or_path=reference, dtype=dtype)
+        model, tokenizer = load_model(config).eval(), load_tokenizer(config)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out, so EOS is safe
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def check_same_tokenizer(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase, teacher_key: str,
+                         student_name: str) -> None:
+    """Logit distillation compares distributions token id by token id, so the vocabularies must be identical."""
+    a, b = teacher.get_vocab(), student.get_vocab()
+    if a != b:
+        differ = sum(1 for token, index in a.items() if b.get(token) != index) + len(b.keys() - a.keys())
+        raise UserError(
+            f"{teacher_key} has a different tokenizer from the student {student_name} ({len(a)} vs {len(b)} tokens, "
+            f"{differ} differ); logit distillation needs one shared tokenizer, so pick a teacher of the student's "
+            "family, or distil through the text it generates (tunelab synth) instead."
+        )
+
