@@ -41,6 +41,7 @@ from tunelab.data.collate import PadCollator
 from tunelab.data.encode import IGNORE_INDEX, Encoded
 from tunelab.errors import UserError
 from tunelab.io import atomic_dir
+from tunelab.synth.teacher import TeacherTraining
 
 from .base import Recipe, register
 
@@ -52,6 +53,8 @@ class TeacherRef(Section):
     path: str
     weight: Annotated[float, Field(gt=0)] = 1.0
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # When path holds no finished run yet: train it first, e.g. {config: configs/tiny/full.yaml}.
+    train: TeacherTraining | None = None
 
 
 class DistillOptions(RecipeOptions):
@@ -279,7 +282,7 @@ class Distill(Recipe):
             if self.options.mode == "offline" and TeacherLogits.matches(folder, meta):
                 self.stored.append(TeacherLogits(folder))  # a resumed run: computed before
                 continue
-            teacher, tokenizer = load_teacher(ref.path, key, ref.dtype)
+            teacher, tokenizer = load_teacher(ref.path, key, ref.dtype, ref.train)
             check_same_tokenizer(tokenizer, student_tokenizer, f'{key} "{ref.path}"', f'model "{config.model.name_or_path}"')
             if self.options.mode == "online":
                 self.teachers.append(teacher)

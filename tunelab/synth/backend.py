@@ -83,12 +83,15 @@ def vllm_usable() -> bool:
     return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
 
-def make_backend(reference: str, dtype: str, choice: str, key: str) -> Backend:
+def make_backend(reference: str, dtype: str, choice: str, key: str, training=None) -> Backend:
     """The backend ``choice`` (auto: vLLM when installed with a GPU and the teacher is a plain model folder or hub id)."""
     from pathlib import Path
 
     from tunelab.synth.teacher import load_teacher
 
+    from tunelab.synth.teacher import ensure_trained
+
+    ensure_trained(reference, training, f"{key}.path")
     is_run = (Path(reference) / "config.yaml").is_file()
     if choice == "vllm" and not vllm_usable():
         raise UserError(f"{key}.backend vllm needs the vllm package and a CUDA GPU; use backend transformers or auto.")
@@ -97,7 +100,7 @@ def make_backend(reference: str, dtype: str, choice: str, key: str) -> Backend:
                         f"tunelab merge on it first, or use backend transformers.")
     if choice == "vllm" or (choice == "auto" and vllm_usable() and not is_run and not reference.startswith("builtin:")):
         return VllmBackend(reference, dtype)
-    model, tokenizer = load_teacher(reference, f"{key}.path", dtype)
+    model, tokenizer = load_teacher(reference, f"{key}.path", dtype)  # already trained above
     return TransformersBackend(model, tokenizer, reference)
 
 

@@ -13,6 +13,7 @@ from pydantic import Field, SerializeAsAny, ValidationError, field_validator, mo
 
 from tunelab.config.schema import DatasetSource, Section
 from tunelab.errors import UserError
+from tunelab.synth.teacher import TeacherTraining
 
 REFUSALS = ["I'm sorry", "I am sorry", "I cannot", "I can't", "I am unable", "I'm unable", "As an AI", "as a language model"]
 
@@ -23,6 +24,8 @@ class TeacherConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # auto: vLLM when it is installed, a CUDA GPU is present and the teacher is a plain model; else transformers.
     backend: Literal["auto", "transformers", "vllm"] = "auto"
+    # When path holds no finished run yet: train it first with this config, e.g. {config: configs/tiny/full.yaml}.
+    train: TeacherTraining | None = None
 
 
 class GenerationConfig(Section):

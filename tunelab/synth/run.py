@@ -81,7 +81,8 @@ def synthesize(config: SynthConfig, output_dir: str | Path, backend: Backend | N
     if out.exists() and not out.is_dir():
         raise UserError(f"output directory {out} is a file; choose another --output.")
     seeds = load_seeds(config)
-    backend = backend or make_backend(config.teacher.path, config.teacher.dtype, config.teacher.backend, "teacher")
+    backend = backend or make_backend(config.teacher.path, config.teacher.dtype, config.teacher.backend, "teacher",
+                                    config.teacher.train)
     g = config.generation
     journal = Journal(out / "work" / "generations.jsonl")
     generate = Generator(backend, Sampling(g.max_new_tokens, g.temperature, g.top_p, g.top_k, g.repetition_penalty),

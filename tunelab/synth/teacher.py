@@ -11,17 +11,41 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from tunelab.config.schema import ModelConfig
+from tunelab.config.schema import ModelConfig, Section
 from tunelab.errors import UserError
 from tunelab.io import expand_path, looks_like_local_path
 from tunelab.models.load import load_model, load_tokenizer
-from tunelab.models.trained import load_trained
 
 
-def load_teacher(reference: str, key: str, dtype: str = "auto") -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+class TeacherTraining(Section):
+    """How to make the teacher when its folder holds no finished run: a train config and overrides."""
+
+    config: str
+    overrides: list[str] = []
+
+
+def ensure_trained(reference: str, training: TeacherTraining | None, key: str) -> None:
+    """Train the teacher into ``reference`` first when it is not there yet, so a fresh clone needs no preparation.
+
+    An existing finished run is used as it is (delete the folder to train it again).
+    """
+    if training is None or (expand_path(reference) / "summary.json").is_file():
+        return
+    from tunelab.config import load_config
+    from tunelab.train.run import train
+
+    print(f"tunelab: {key} {reference} holds no finished run; training the teacher first ({training.config})")
+    train(load_config(training.config, training.overrides), output_dir=reference, overwrite=True)
+
+
+def load_teacher(reference: str, key: str, dtype: str = "auto",
+                 training: TeacherTraining | None = None) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """(model in eval mode, tokenizer) for ``reference``; ``key`` names the config key in errors."""
+    ensure_trained(reference, training, key)
     path = expand_path(reference)
     if (path / "config.yaml").is_file():  # a tunelab run: the trained model, not its base
+        from tunelab.models.trained import load_trained
+
         model, tokenizer = load_trained(path)
     else:
         if not path.exists() and looks_like_local_path(reference):
