@@ -32,7 +32,8 @@ def _answer_format(c: Candidate, f: FilterConfig) -> str | None:
     return None if re.fullmatch(f.answer_pattern, c.answer.strip(), flags=re.DOTALL) else "answer_format"
 
 
-RULES: list[Callable[[Candidate, FilterConfig], str | None]] = [_length, _refusal, _answer_format]
+# Most specific first: a refusal is reported as a refusal even though it is also malformed and long.
+RULES: list[Callable[[Candidate, FilterConfig], str | None]] = [_refusal, _answer_format, _length]
 
 
 def apply_rules(candidates: list[Candidate], config: FilterConfig) -> None:
