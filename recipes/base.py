@@ -101,9 +101,14 @@ class Recipe:
         """Values written with the loss at every logging step (e.g. rank budget, gate statistics)."""
         return {}
 
-    def save(self, model: torch.nn.Module, directory: Path) -> None:
-        """Write the trained artifact into ``directory`` (an empty staging folder)."""
-        model.save_pretrained(directory)
+    def save(self, model: torch.nn.Module, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the trained artifact into ``directory`` (an empty staging folder).
+
+        ``state_dict`` is the full state dict gathered from the processes' shards when the model
+        was sharded (FSDP, ZeRO): the model's own parameters then hold only a shard. ``None``
+        means the model holds all its weights.
+        """
+        model.save_pretrained(directory, state_dict=state_dict)
 
     def load_artifact(self, base: torch.nn.Module, directory: Path) -> torch.nn.Module:
         """Rebuild the trained model from the base and what ``save`` wrote (PEFT adapters by default)."""

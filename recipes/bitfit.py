@@ -82,8 +82,10 @@ class Bitfit(Recipe):
             parameter.requires_grad_(name.endswith(".bias"))
         return model
 
-    def save(self, model: torch.nn.Module, directory: Path) -> None:
-        biases = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    def save(self, model: torch.nn.Module, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        values = state_dict if state_dict is not None else dict(model.named_parameters())
+        trained = [name for name, p in model.named_parameters() if p.requires_grad]
+        biases = {name: values[name].detach().contiguous() for name in trained}
         save_file(biases, directory / "bitfit.safetensors")
         manifest = {"added_biases": getattr(model, ADDED_KEY, []), "trained_biases": sorted(biases)}
         (directory / "bitfit.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -179,8 +179,8 @@ class Gatera(Lora):
         self._stats = None
         return {"gate_mean": total / count, "gate_near_0": near_0 / count, "gate_near_1": near_1 / count}
 
-    def save(self, model: torch.nn.Module, directory: Path) -> None:
-        model.save_pretrained(directory)
+    def save(self, model: torch.nn.Module, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        super().save(model, directory, state_dict)
         config_path = directory / "adapter_config.json"
         saved = json.loads(config_path.read_text())
         saved["peft_type"] = PEFT_TYPE_ON_DISK

@@ -65,7 +65,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tunelab.train.run import train
 
     config = load_config(args.config, args.overrides)
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+    # DeepSpeed is always started by a launcher, even for one process (e.g. one GPU with ZeRO-3 offload).
+    if (args.nproc > 1 or config.distributed.strategy == "deepspeed") and "WORLD_SIZE" not in os.environ:
         return _launch(args.nproc, args.argv)
     output = args.output or config.output_dir or f"runs/{Path(args.config).stem}"
     train(config, output_dir=output, max_steps=args.max_steps, resume=args.resume, overwrite=args.overwrite,

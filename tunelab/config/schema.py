@@ -118,6 +118,20 @@ class TrainingConfig(Section):
     save_steps: Annotated[int, Field(ge=1)] | None = None
     save_total_limit: Annotated[int, Field(ge=1)] = 2
     gradient_checkpointing: bool = False
+    # Fused LoRA layers and linear cross-entropy (tunelab.kernels):
+    #   auto   = Triton kernels on a CUDA GPU, the PyTorch memory-saving path on a CPU
+    #   triton = require Triton (an error without a CUDA GPU, unless TRITON_INTERPRET=1)
+    #   torch  = the PyTorch autograd path (recompute instead of store) on any device
+    #   off    = PEFT's own LoRA layers and the unfused loss
+    kernels: Literal["auto", "triton", "torch", "off"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kernels_off(cls, data):
+        # YAML 1.1 reads a bare `off` as false; `kernels: off` must still mean "off".
+        if isinstance(data, dict) and data.get("kernels") is False:
+            data = {**data, "kernels": "off"}
+        return data
 
     @model_validator(mode="after")
     def _one_warmup(self) -> TrainingConfig:
@@ -158,6 +172,46 @@ class TrackingConfig(Section):
     tensorboard: bool = False
 
 
+class FsdpConfig(Section):
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``): parameters, gradients and optimizer state are
+    sharded across processes and each decoder layer is gathered only while it runs."""
+
+    # Free a layer's gathered weights after its forward (less memory, one more all-gather in backward).
+    reshard_after_forward: bool = True
+    # Keep the sharded parameters in CPU memory between uses (slower; fits larger models).
+    cpu_offload: bool = False
+    # Layer classes that become one shard unit each; none = the model's own list (_no_split_modules).
+    wrap_classes: list[str] = []
+
+
+class DeepSpeedConfig(Section):
+    """DeepSpeed ZeRO: stage 2 shards gradients and optimizer state, stage 3 the parameters too."""
+
+    zero_stage: Literal[2, 3] = 2
+    # Optimizer state (and its update) in CPU memory.
+    offload_optimizer: bool = False
+    # Parameters in CPU memory between uses; stage 3 only.
+    offload_params: bool = False
+
+    @model_validator(mode="after")
+    def _offload_params_needs_stage_3(self) -> DeepSpeedConfig:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(
+                "distributed.deepspeed.offload_params needs zero_stage 3 (stage 2 keeps a full copy of the "
+                "parameters on every process); set zero_stage: 3 or offload_params: false"
+            )
+        return self
+
+
+class DistributedConfig(Section):
+    """How several processes (``--nproc N``, torchrun, accelerate launch) share the work."""
+
+    # ddp: every process holds the whole model; fsdp / deepspeed: the training state is sharded.
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    fsdp: FsdpConfig = FsdpConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+
+
 class Config(Section):
     model: ModelConfig
     recipe: SerializeAsAny[RecipeOptions]
@@ -165,5 +219,6 @@ class Config(Section):
     training: TrainingConfig = TrainingConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+    distributed: DistributedConfig = DistributedConfig()
     output_dir: str | None = Field(default=None, description="Run directory; the CLI defaults it to runs/<config name>.")
 

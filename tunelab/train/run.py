@@ -47,7 +47,11 @@ from tunelab.data.templates import apply_template_choice
 from tunelab.errors import UserError
 from tunelab.eval.heldout import exact_match, heldout_loss
 from tunelab.io import atomic_dir, atomic_write_text
+from tunelab.kernels.patch import patch_model
+from tunelab.launch.strategy import check_strategy, describe_strategy, release_sharding, uses_cpu_mode
+from tunelab.launch.strategy import training_arguments as strategy_arguments
 from tunelab.models.load import load_model, load_tokenizer
+from tunelab.models.trained import load_trained
 from tunelab.recipes import get_recipe_class
 from tunelab.train.callbacks import ConsoleProgress, MetricsLogger
 from tunelab.train.processes import Processes
@@ -78,7 +82,7 @@ def train(
     if not (output_dir or config.output_dir):
         raise UserError("no run directory: set output_dir in the config or pass --output.")
     run_dir = Path(output_dir or config.output_dir)
-    procs = Processes()
+    procs = Processes(config.distributed)
     if procs.is_main:
         _prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     procs.barrier()
@@ -111,10 +115,12 @@ def train(
 
     recipe = get_recipe_class(config.recipe.name)(config.recipe)
     check_optimizer(config.training.optimizer)
+    check_strategy(config, procs.world_size)
     with procs.main_first():
         base = load_model(config.model, **recipe.load_kwargs(config))
     set_seed(config.training.seed)  # after loading, so adapter init never depends on what loading drew
     model = recipe.build(base, config)
+    procs.print(patch_model(model, config.training.kernels, config.distributed.strategy).describe())
     trainable, total = _count_parameters(model)
     if trainable == 0:
         raise UserError(f'recipe "{recipe.name}" left no trainable parameters; check recipe.target_modules and its options.')
@@ -128,7 +134,7 @@ def train(
     trainer = RecipeTrainer(
         recipe=recipe,
         model=model,
-        args=_training_arguments(config, run_dir),
+        args=_training_arguments(config, run_dir, model),
         train_dataset=train_rows,
         data_collator=collator,
         callbacks=[metrics, *recipe.callbacks(config)],
@@ -138,8 +144,8 @@ def train(
     stopper = GracefulStop()
     trainer.add_callback(stopper)
     if procs.world_size > 1:
-        procs.print(f"tunelab: {procs.world_size} processes ({trainer.accelerator.distributed_type.value}), "
-                    "each with a full replica of the model (DDP)")
+        procs.print(f"tunelab: {procs.world_size} processes ({trainer.accelerator.distributed_type.value}): "
+                    f"{describe_strategy(config.distributed)}")
     if config.tracking.wandb is not None:
         trainer.add_callback(AttachConfig(config))
 
@@ -159,8 +165,19 @@ def train(
             exit_code=128 + stopper.signal_number,
         )
 
+    # Gathered from every process's shards (a collective step); the main process writes it.
+    state_dict = trainer.full_state_dict()
     if not procs.is_main:  # the main process evaluates and writes the results
+        procs.finish()
         return TrainResult(run_dir, {}, model, tokenizer)
+    with atomic_dir(run_dir / recipe.artifact) as staging:
+        recipe.save(model, staging, state_dict=state_dict)
+        tokenizer.save_pretrained(staging)
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        # The trained weights live in shards across processes; the main process evaluates the
+        # saved artifact instead, which also proves that it loads on its own.
+        release_sharding(trainer)
+        model = load_trained(run_dir)[0]
     eval_after = _evaluate(model, tokenizer, splits, config)
     retention_after = _retention(model, retention, tokenizer, config)
     if retention_before and retention_after:
@@ -170,10 +187,6 @@ def train(
     if eval_before and eval_after and "exact_match" in eval_after:
         before, after = eval_before["exact_match"], eval_after["exact_match"]
         print(f"tunelab: held-out exact match {before:.1%} -> {after:.1%} ({(after - before) * 100:+.1f} points)")
-
-    with atomic_dir(run_dir / recipe.artifact) as staging:
-        recipe.save(model, staging)
-        tokenizer.save_pretrained(staging)
 
     summary = {
         "recipe": recipe.name,
@@ -195,10 +208,13 @@ def train(
         "eval_examples": len(splits.eval),
         "data": dict(splits.stats),
         "artifact": recipe.artifact,
+        "processes": procs.world_size,
+        "strategy": config.distributed.strategy,
     }
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_loss_plot(metrics.records, run_dir / "loss.png", title=f"{recipe.name} — {config.model.name_or_path}")
     print(f"tunelab: run saved to {run_dir} ({recipe.artifact}/, summary.json, metrics.jsonl, loss.png)")
+    procs.finish()
     return TrainResult(run_dir, summary, model, tokenizer)
 
 
@@ -274,9 +290,9 @@ def _effective_config(config: Config, run_dir: Path, n_train: int, max_steps_cap
     return config.model_copy(update={"training": training, "output_dir": str(run_dir)})
 
 
-def _training_arguments(config: Config, run_dir: Path) -> TrainingArguments:
+def _training_arguments(config: Config, run_dir: Path, model: torch.nn.Module) -> TrainingArguments:
     t = config.training
-    return TrainingArguments(
+    arguments = dict(
         output_dir=str(run_dir / "checkpoints"),
         seed=t.seed,
         max_steps=t.max_steps,  # always set: _effective_config turned epochs into steps
@@ -300,10 +316,13 @@ def _training_arguments(config: Config, run_dir: Path) -> TrainingArguments:
         report_to=report_to(config, run_dir) or "none",
         run_name=(config.tracking.wandb.name if config.tracking.wandb else None) or run_dir.name,
         dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(),  # multi-process CPU runs need it to form a gloo group
+        use_cpu=uses_cpu_mode(config.distributed),  # multi-process CPU runs need it to form a gloo group
         ddp_find_unused_parameters=False,  # every trainable parameter takes part in each forward
         disable_tqdm=False,
     )
+    arguments.update(strategy_arguments(config, model))
+    return TrainingArguments(**arguments)
+
 
 
 def _evaluate(model: torch.nn.Module, tokenizer, splits: Splits, config: Config) -> dict | None:

@@ -10,6 +10,7 @@ mean over the logging interval is logged under its own name.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shutil
@@ -18,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
@@ -38,7 +40,12 @@ class RecipeTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if REAL_TOKENS_KEY in inputs:  # packed batches only: counted by the Trainer, not a model input
             inputs = {k: v for k, v in inputs.items() if k != REAL_TOKENS_KEY}
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        # Head and loss fused (tunelab.kernels) in training steps of models the patch qualified; never when
+        # the recipe reads the logits. Same loss, same normalisation, no full logits tensor.
+        kernels = getattr(self.model, "tunelab_kernels", None)
+        fuse = model.training and "labels" in inputs and not self.recipe.needs_logits
+        with kernels.loss_context(fuse) if kernels is not None else contextlib.nullcontext():
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training:
             loss, logged = self.recipe.objective(model, inputs, outputs, loss, self._token_divisor(inputs, num_items_in_batch))
             self._add_to_log(logged)
@@ -69,6 +76,37 @@ class RecipeTrainer(Trainer):
             scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
             return num_items_in_batch / scale
         return (inputs["labels"][:, 1:] != -100).sum().clamp(min=1)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        if self.args.fsdp_plugin_args is not None and state.distributed_type == DistributedType.MULTI_CPU:
+            # accelerate enables FSDP for accelerator devices only and would silently train DDP on a
+            # CPU (gloo) group; FSDP2 itself runs there, so the same plugin is switched on here.
+            from accelerate.utils import FullyShardedDataParallelPlugin
+
+            state.distributed_type = DistributedType.FSDP
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            self.is_fsdp_enabled = True
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The trained model's complete state dict, gathered from every process's shards.
+
+        Collective: every process must call it. The main process gets the tensors, the others
+        ``None``; ``None`` also when nothing is sharded (the model holds its own weights then).
+        """
+        if not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            return None
+        if self.is_fsdp_enabled:
+            # Checkpoints keep FSDP's sharded state dict type, so accelerate's get_state_dict would
+            # return shards; ask torch for the full one, gathered into CPU memory of the main process.
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            state_dict = get_model_state_dict(self.accelerator.unwrap_model(self.model_wrapped), options=options)
+        else:
+            state_dict = self.accelerator.get_state_dict(self.model_wrapped)
+        return state_dict if self.args.should_save else None
 
     def _get_output_dir(self, trial):
         return self._staging_root or super()._get_output_dir(trial)

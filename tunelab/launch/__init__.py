@@ -1,0 +1,1 @@
+"""How training processes are started and how they share the model (distributed strategies)."""
