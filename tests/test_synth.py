@@ -297,3 +297,26 @@ def test_cli_synth_runs_and_explains_bad_input(teacher, tmp_path, capsys):
     assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(capsys, "synth", str(config), f"teacher.path={tmp_path / 'no-teacher'}")
     assert code == 2 and "teacher.path" in err and "does not exist" in err
+
+
+def test_ready_config_trains_its_missing_teacher_first(tmp_path, capsys, monkeypatch):
+    """configs/tiny/synth.yaml on a fresh clone: no teacher yet, so `teacher.train` makes it (2 steps here)."""
+    monkeypatch.chdir(REPO)
+    teacher = tmp_path / "teacher"
+    code, out, err = run_cli(capsys, "synth", "configs/tiny/synth.yaml", f"teacher.path={teacher}", "seeds.max_samples=4",
+                             "teacher.train.overrides=[training.max_steps=2,eval.before_training=false,eval.exact_match=false]",
+                             "--output", str(tmp_path / "synth"))
+    assert code == 0, err
+    assert "holds no finished run; training the teacher first (configs/tiny/full.yaml)" in out
+    assert (teacher / "summary.json").is_file() and "generated 4" in out
+    code, out, _ = run_cli(capsys, "synth", "configs/tiny/synth.yaml", f"teacher.path={teacher}", "seeds.max_samples=4",
+                           "--output", str(tmp_path / "synth"))
+    assert code == 0 and "training the teacher" not in out and "0 replies generated, 4 reused" in out
+    # A teacher retrained in place is a new teacher: nothing of the old one's replies is reused.
+    (teacher / "summary.json").unlink()
+    code, out, _ = run_cli(capsys, "synth", "configs/tiny/synth.yaml", f"teacher.path={teacher}", "seeds.max_samples=4",
+                           "teacher.train.overrides=[training.max_steps=3,eval.before_training=false,eval.exact_match=false]",
+                           "--output", str(tmp_path / "synth"))
+    assert code == 0 and "4 replies generated, 0 reused" in out
+    code, out, _ = run_cli(capsys, "validate", "configs/tiny/distill.yaml")
+    assert code == 0

@@ -1,7 +1,7 @@
 """Every batch the teacher answers is committed to a journal before the next one starts.
 
-A batch is keyed by what determines its replies (teacher, sampling settings, its seed and its
-conversations). A rerun after an interruption finds the batches already answered and reuses
+A batch is keyed by what determines its replies (the teacher, down to its files' sizes and times,
+sampling settings, the batch's seed and its conversations). A rerun after an interruption finds the batches already answered and reuses
 them, so nothing written is generated again and the final file is the one an uninterrupted run
 writes. Each batch is one appended line, flushed and fsynced; a line cut short by a crash is
 cut off when the journal is opened again.
@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from tunelab.data.formats import Message
 from tunelab.synth.backend import Backend, Sampling, settings_id
+from tunelab.synth.teacher import identity
 
 
 class Journal:
@@ -52,6 +53,7 @@ class Generator:
 
     def __init__(self, backend: Backend, sampling: Sampling, batch_size: int, seed: int, journal: Journal):
         self.backend, self.sampling, self.batch_size, self.seed, self.journal = backend, sampling, batch_size, seed, journal
+        self.identity = identity(backend.name)
         self.generated = 0  # replies produced by the teacher in this process (not reused)
         self.reused = 0
 
@@ -64,7 +66,7 @@ class Generator:
             for start in range(0, len(conversations), self.batch_size):
                 chunk = conversations[start : start + self.batch_size]
                 seed = int(hashlib.sha256(f"{self.seed}:{phase}:{start}".encode()).hexdigest()[:8], 16)
-                key = hashlib.sha256(json.dumps([self.backend.name, settings_id(self.sampling), seed, chunk],
+                key = hashlib.sha256(json.dumps([self.identity, settings_id(self.sampling), seed, chunk],
                                                 sort_keys=True).encode()).hexdigest()
                 outputs = self.journal.get(key)
                 if outputs is None:

@@ -8,6 +8,10 @@ reference means the same model in both.
 
 from __future__ import annotations
 
+import hashlib
+import random
+
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -35,7 +39,13 @@ def ensure_trained(reference: str, training: TeacherTraining | None, key: str) -
     from tunelab.train.run import train
 
     print(f"tunelab: {key} {reference} holds no finished run; training the teacher first ({training.config})")
+    # Training reseeds every generator; restore them so the caller's next draws (e.g. a student
+    # adapter's initialisation) are the same whether or not the teacher had to be trained.
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     train(load_config(training.config, training.overrides), output_dir=reference, overwrite=True)
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.set_rng_state(states[2])
 
 
 def load_teacher(reference: str, key: str, dtype: str = "auto",
@@ -70,3 +80,16 @@ def check_same_tokenizer(teacher: PreTrainedTokenizerBase, student: PreTrainedTo
             "family, or distil through the text it generates (tunelab synth) instead."
         )
 
+
+
+def identity(reference: str) -> str:
+    """The reference plus, for a local folder, every file's path, size and modification time.
+
+    Resume keys include it, so retraining a teacher in place never lets a rerun reuse replies of
+    the old weights; hashing the weights themselves would cost minutes on large models.
+    """
+    path = expand_path(reference)
+    if not path.is_dir():
+        return reference
+    stats = sorted((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in path.rglob("*") if f.is_file())
+    return f"{reference}#{hashlib.sha256(repr(stats).encode()).hexdigest()[:16]}"
