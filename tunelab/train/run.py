@@ -3,7 +3,7 @@
 Read top to bottom it is the whole run: data, model, recipe, metrics before,
 HF ``Trainer`` (under accelerate: accumulation, schedulers, checkpoints), metrics
 after, artifact, summary. Recipes change behaviour only through their hooks:
-``build``, ``callbacks``, ``loss_terms``, ``log_metrics`` and ``save``.
+``build``, ``callbacks``, ``objective``, ``loss_terms``, ``log_metrics`` and ``save``.
 
 Run directory::
 
