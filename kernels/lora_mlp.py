@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import Backend
-from .lora_linear import BaseWeight, lora_backward, lora_forward, triton
+from .lora_linear import BaseWeight, lora_group_backward, lora_group_forward, triton
 
 if triton is not None:
     import triton.language as tl
@@ -55,13 +55,8 @@ def swiglu_forward(backend: Backend, e: torch.Tensor, g: torch.Tensor) -> torch.
 
 def swiglu_backward(backend: Backend, dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(de, dg) of ``h = silu(e)·g`` given dh."""
-    if backend == "torch":
-        sig = torch.sigmoid(e)
-        dg = e * sig
-        dg.mul_(dh)
-        # de = dh·g·sig·(1 + e·(1 − sig)), built in place in one buffer
-        de = torch.sub(1.0, sig).mul_(e).add_(1.0).mul_(sig).mul_(g).mul_(dh)
-        return de, dg
+    if backend == "torch":  # PyTorch's own fused silu backward: dh·g·sig·(1 + e·(1 − sig)) in one pass
+        return torch.ops.aten.silu_backward(dh * g, e), F.silu(e).mul_(dh)
     de, dg = torch.empty_like(e), torch.empty_like(g)
     _swiglu_backward_kernel[(triton.cdiv(e.numel(), _BLOCK),)](dh.contiguous(), e, g, de, dg, e.numel(), BLOCK=_BLOCK)
     return de, dg
@@ -75,9 +70,8 @@ class LoraMLPFunction(torch.autograd.Function):
                 bases: tuple[BaseWeight, BaseWeight, BaseWeight], scales: tuple[float, float, float], backend: Backend):
         x2 = x.reshape(-1, x.shape[-1])
         gate, up, down = bases
-        e = lora_forward(backend, x2, gate.dense(), gate_a, gate_b, scales[0])
-        g = lora_forward(backend, x2, up.dense(), up_a, up_b, scales[1])
-        y = lora_forward(backend, swiglu_forward(backend, e, g), down.dense(), down_a, down_b, scales[2])
+        e, g = lora_group_forward(backend, x2, [(gate.dense(), gate_a, gate_b, scales[0]), (up.dense(), up_a, up_b, scales[1])])
+        (y,) = lora_group_forward(backend, swiglu_forward(backend, e, g), [(down.dense(), down_a, down_b, scales[2])])
         ctx.save_for_backward(x, e, g, gate_a, gate_b, up_a, up_b, down_a, down_b)
         ctx.bases, ctx.scales, ctx.backend = bases, scales, backend
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -87,15 +81,15 @@ class LoraMLPFunction(torch.autograd.Function):
         x, e, g, gate_a, gate_b, up_a, up_b, down_a, down_b = ctx.saved_tensors
         gate, up, down = ctx.bases
         (s_gate, s_up, s_down), backend = ctx.scales, ctx.backend
-        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
         h = swiglu_forward(backend, e, g)  # recomputed, not stored
-        dh, grad_down_a, grad_down_b = lora_backward(backend, h, dy2, down.dense(), down_a, down_b, s_down, need_dx=True)
+        dh, [(grad_down_a, grad_down_b)] = lora_group_backward(
+            backend, h, [dy.reshape(-1, dy.shape[-1])], [(down.dense(), down_a, down_b, s_down)], need_dx=True)
         del h
         de, dg = swiglu_backward(backend, dh, e, g)
         del dh
-        need_dx = ctx.needs_input_grad[0]
-        dx, grad_gate_a, grad_gate_b = lora_backward(backend, x2, de, gate.dense(), gate_a, gate_b, s_gate, need_dx)
-        dx, grad_up_a, grad_up_b = lora_backward(backend, x2, dg, up.dense(), up_a, up_b, s_up, need_dx, dx=dx)
+        dx, [(grad_gate_a, grad_gate_b), (grad_up_a, grad_up_b)] = lora_group_backward(
+            backend, x.reshape(-1, x.shape[-1]), [de, dg],
+            [(gate.dense(), gate_a, gate_b, s_gate), (up.dense(), up_a, up_b, s_up)], ctx.needs_input_grad[0])
         return ((None if dx is None else dx.view(x.shape)), grad_gate_a, grad_gate_b, grad_up_a, grad_up_b,
                 grad_down_a, grad_down_b, None, None, None)
 

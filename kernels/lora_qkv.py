@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .backend import Backend
-from .lora_linear import BaseWeight, lora_backward, lora_forward
+from .lora_linear import BaseWeight, lora_group_backward, lora_group_forward
 
 
 class LoraQKVFunction(torch.autograd.Function):
@@ -22,7 +22,7 @@ class LoraQKVFunction(torch.autograd.Function):
                 bases: tuple[BaseWeight, BaseWeight, BaseWeight], scales: tuple[float, float, float], backend: Backend):
         x2 = x.reshape(-1, x.shape[-1])
         pairs = ((q_a, q_b), (k_a, k_b), (v_a, v_b))
-        outs = [lora_forward(backend, x2, base.dense(), a, b, s) for base, (a, b), s in zip(bases, pairs, scales)]
+        outs = lora_group_forward(backend, x2, [(base.dense(), a, b, s) for base, (a, b), s in zip(bases, pairs, scales)])
         ctx.save_for_backward(x, q_a, q_b, k_a, k_b, v_a, v_b)
         ctx.bases, ctx.scales, ctx.backend = bases, scales, backend
         ctx.set_materialize_grads(False)  # a projection whose output got no gradient is skipped
@@ -31,16 +31,10 @@ class LoraQKVFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq, dk, dv):
         x, *weights = ctx.saved_tensors
-        x2 = x.reshape(-1, x.shape[-1])
-        dx, grads = None, []
-        for base, a, b, s, dy in zip(ctx.bases, weights[0::2], weights[1::2], ctx.scales, (dq, dk, dv)):
-            if dy is None:
-                grads += [None, None]
-                continue
-            dx, grad_a, grad_b = lora_backward(ctx.backend, x2, dy.reshape(-1, dy.shape[-1]), base.dense(), a, b, s,
-                                               need_dx=ctx.needs_input_grad[0], dx=dx)
-            grads += [grad_a, grad_b]
-        return (None if dx is None else dx.view(x.shape)), *grads, None, None, None
+        projections = [(base.dense(), a, b, s) for base, a, b, s in zip(ctx.bases, weights[0::2], weights[1::2], ctx.scales)]
+        dys = [None if d is None else d.reshape(-1, d.shape[-1]) for d in (dq, dk, dv)]
+        dx, grads = lora_group_backward(ctx.backend, x.reshape(-1, x.shape[-1]), dys, projections, ctx.needs_input_grad[0])
+        return (None if dx is None else dx.view(x.shape)), *[g for pair in grads for g in pair], None, None, None
 
 
 def lora_qkv(x: torch.Tensor, q: tuple, k: tuple, v: tuple, backend: Backend = "torch") -> tuple[torch.Tensor, ...]:

@@ -101,31 +101,30 @@ def layer_refusal(layer: torch.nn.Module) -> str:
     return ""
 
 
-def _parts(layer: torch.nn.Module) -> tuple | None:
+def _parts(layer: torch.nn.Module, adapter: str) -> tuple | None:
     """(BaseWeight, A, B, scale) for the fused call now, or None when PEFT's forward must run
-    (adapters disabled, merged, switched to an adapter that does not qualify)."""
-    if layer.disable_adapters or layer.merged or layer_refusal(layer):
+    (adapters disabled or merged, or another adapter than the one checked at patch time is active)."""
+    if layer.disable_adapters or layer.merged or layer.active_adapters != [adapter]:
         return None
-    adapter = next(a for a in layer.active_adapters if a in layer.lora_A)
-    return (base_weight(layer.get_base_layer()), layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
-            layer.scaling[adapter])
+    return base_weight(layer.base_layer), layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.scaling[adapter]
 
 
 def _patch_linear(layer: torch.nn.Module, backend: Backend) -> None:
-    original = layer.forward
+    original, adapter = layer.forward, layer.active_adapters[0]
 
     def forward(x, *args, **kwargs):
-        parts = None if args or kwargs else _parts(layer)
+        parts = None if args or kwargs else _parts(layer, adapter)
         return original(x, *args, **kwargs) if parts is None else lora_linear(x, *parts, backend=backend)
 
     layer.forward = forward
 
 
 def _patch_mlp(mlp: torch.nn.Module, backend: Backend) -> None:
-    original = mlp.forward
+    original, layers = mlp.forward, (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    adapters = [layer.active_adapters[0] for layer in layers]
 
     def forward(x):
-        parts = [_parts(layer) for layer in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+        parts = [_parts(layer, adapter) for layer, adapter in zip(layers, adapters)]
         return original(x) if None in parts else lora_mlp(x, *parts, backend=backend)
 
     mlp.forward = forward
@@ -135,6 +134,7 @@ def _patch_qkv(attention: torch.nn.Module, backend: Backend) -> None:
     """The attention calls q_proj, k_proj, v_proj on one tensor: the first call computes all
     three in one node, the other two collect their outputs (matched by the input's identity)."""
     layers = (attention.q_proj, attention.k_proj, attention.v_proj)
+    adapters = [layer.active_adapters[0] for layer in layers]
     pending: dict = {"x": None, "outs": {}}
 
     def forward_of(index: int):
@@ -148,7 +148,7 @@ def _patch_qkv(attention: torch.nn.Module, backend: Backend) -> None:
                 if not pending["outs"]:
                     pending["x"] = None
                 return out
-            parts = [_parts(layer) for layer in layers]
+            parts = [_parts(layer, adapter) for layer, adapter in zip(layers, adapters)]
             if None in parts:
                 return original(x)
             outs = lora_qkv(x, *parts, backend=backend)

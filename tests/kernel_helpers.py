@@ -52,12 +52,12 @@ class Block(nn.Module):
         return self.mlp(h)
 
 
-def peft_block(r: int = 5, dtype=torch.float32, seed: int = 0, **lora) -> nn.Module:
-    """A PEFT-wrapped ``Block`` with non-zero B (so every gradient is exercised)."""
+def peft_block(r: int = 5, dtype=torch.float32, seed: int = 0, dims: tuple[int, int, int] = (45, 77, 21), **lora) -> nn.Module:
+    """A PEFT-wrapped ``Block`` (hidden, MLP, k/v widths ``dims``) with non-zero B (so every gradient is exercised)."""
     torch.manual_seed(seed)
     config = LoraConfig(r=r, lora_alpha=2 * r + 1, init_lora_weights=False,
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], **lora)
-    return get_peft_model(Block(dtype=dtype), config, autocast_adapter_dtype=False)
+    return get_peft_model(Block(*dims, dtype=dtype), config, autocast_adapter_dtype=False)
 
 
 def twin(model: nn.Module) -> nn.Module:
