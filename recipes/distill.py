@@ -58,7 +58,7 @@ class TeacherRef(Section):
 
 
 class DistillOptions(RecipeOptions):
-    teachers: Annotated[list[TeacherRef], Field(min_length=1)]
+    teachers: list[TeacherRef] = []  # at least one (checked below; the empty default keeps `tunelab recipes` readable)
     loss: Divergence = "forward_kl"
     beta: Annotated[float, Field(gt=0, lt=1)] = 0.5  # jsd only: weight of the teacher side
     temperature: Annotated[float, Field(gt=0)] = 1.0
@@ -91,6 +91,8 @@ class DistillOptions(RecipeOptions):
 
     @model_validator(mode="after")
     def _offline_needs_top_k(self) -> DistillOptions:
+        if not self.teachers:
+            raise ValueError("recipe.teachers is empty; add at least one teacher, e.g. [{path: runs/teacher}]")
         if self.mode == "offline" and self.top_k is None:
             raise ValueError("recipe.mode offline stores the teachers' top-k logits, so recipe.top_k must be set "
                              "(e.g. 64); use mode online for the full vocabulary")

@@ -71,6 +71,6 @@ def test_pipeline_errors_are_one_sentence(tmp_path, capsys):
     path.write_text(yaml.safe_dump({"output_dir": str(tmp_path),
                                     "stages": [{"name": "a", "kind": "train", "config": str(tmp_path / "none.yaml")}]}))
     code, _, err = run_cli(capsys, "run", str(path))
-    assert code == 2 and err.strip() == f"tunelab: error: config file {tmp_path / 'none.yaml'} does not exist; check the path."
+    assert code == 2 and err.strip() == f'tunelab: error: stage "a": config file {tmp_path / "none.yaml"} does not exist; check the path.'
     code, _, err = run_cli(capsys, "run", str(tmp_path / "missing.yaml"))
     assert code == 2 and "does not exist" in err

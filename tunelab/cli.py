@@ -92,9 +92,19 @@ def _launch(nproc: int, argv: Sequence[str]) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from tunelab.config import load_config
+    from tunelab.pipeline import config_kind, load_pipeline
+    from tunelab.synth.config import load_synth_config
 
-    config = load_config(args.config, args.overrides)
-    print(f"{args.config}: OK (recipe {config.recipe.name}, model {config.model.name_or_path})")
+    kind = config_kind(args.config)
+    if kind == "pipeline":
+        stages = load_pipeline(args.config, args.overrides).stages
+        print(f"{args.config}: OK (pipeline: {', '.join(f'{s.name} ({s.kind})' for s in stages)})")
+    elif kind == "synth":
+        synth = load_synth_config(args.config, args.overrides)
+        print(f"{args.config}: OK (synth, strategy {synth.strategy.name}, teacher {synth.teacher.path})")
+    else:
+        config = load_config(args.config, args.overrides)
+        print(f"{args.config}: OK (recipe {config.recipe.name}, model {config.model.name_or_path})")
     return 0
 
 

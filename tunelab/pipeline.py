@@ -64,9 +64,26 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> Pipeline:
 
     raw = _read_resolved(Path(path), overrides)
     try:
-        return Pipeline.model_validate(raw)
+        pipeline = Pipeline.model_validate(raw)
     except ValidationError as exc:
         raise UserError("\n".join(dict.fromkeys(_explain(exc, Pipeline)))) from None
+    for stage in pipeline.stages:  # the rest of a stage's config is checked when it runs: it may read earlier outputs
+        if stage.config is not None and not Path(stage.config).is_file():
+            raise UserError(f'stage "{stage.name}": config file {stage.config} does not exist; check the path.')
+    return pipeline
+
+
+def config_kind(path: str | Path) -> str:
+    """"pipeline", "synth" or "train", from a config file's top-level keys (``validate`` checks any of them)."""
+    import yaml
+
+    try:
+        keys = yaml.safe_load(Path(path).read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return "train"  # the train loader explains what is wrong with the file
+    if isinstance(keys, dict) and "stages" in keys:
+        return "pipeline"
+    return "synth" if isinstance(keys, dict) and {"teacher", "seeds"} <= keys.keys() else "train"
 
 
 # ---- stages: resolved settings and how each runs --------------------------------------------
