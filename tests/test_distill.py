@@ -169,6 +169,15 @@ def test_lora_student_saves_and_reloads_through_its_recipe(teacher, tmp_path):
     assert saved["student"] == {"name": "lora", "target_modules": "all-linear", "r": 4, "alpha": 8.0, "dropout": 0.0,
                                 "bias": "none", "modules_to_save": None}
 
+    # A run that saved an adapter serves as a teacher too (loaded on its base by load_trained).
+    from test_synth import quickstart_rows, synth_config, write_jsonl
+
+    from tunelab.synth.run import synthesize
+
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", quickstart_rows(4))
+    report = synthesize(synth_config(tmp_path / "lora", seeds, filters={}), tmp_path / "synth")
+    assert report["generated"] == 4 and report["teacher"] == str(tmp_path / "lora")
+
 
 def test_tokenizer_mismatch_and_bad_options_are_one_sentence(teacher, tmp_path, capsys):
     from tunelab.models.tiny import build_tiny_model

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from tunelab.config.schema import Section
 from tunelab.errors import UserError
@@ -60,13 +60,9 @@ class Pipeline(Section):
 
 
 def load_pipeline(path: str | Path, overrides: list[str] = ()) -> Pipeline:
-    from tunelab.config.load import _explain, _read_resolved
+    from tunelab.synth.config import load_typed
 
-    raw = _read_resolved(Path(path), overrides)
-    try:
-        pipeline = Pipeline.model_validate(raw)
-    except ValidationError as exc:
-        raise UserError("\n".join(dict.fromkeys(_explain(exc, Pipeline)))) from None
+    pipeline = load_typed(path, overrides, Pipeline)
     for stage in pipeline.stages:  # the rest of a stage's config is checked when it runs: it may read earlier outputs
         if stage.config is not None and not Path(stage.config).is_file():
             raise UserError(f'stage "{stage.name}": config file {stage.config} does not exist; check the path.')

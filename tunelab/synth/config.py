@@ -6,8 +6,9 @@ Loaded like training configs (OmegaConf, ``key=value`` overrides, one sentence p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
@@ -15,6 +16,7 @@ from tunelab.config.schema import DatasetSource, Section
 from tunelab.errors import UserError
 from tunelab.synth.teacher import TeacherTraining
 
+T = TypeVar("T", bound=Section)
 REFUSALS = ["I'm sorry", "I am sorry", "I cannot", "I can't", "I am unable", "I'm unable", "As an AI", "as a language model"]
 
 
@@ -147,15 +149,22 @@ class SynthConfig(Section):
         return value
 
 
-def load_synth_config(path: str | Path, overrides: list[str] = ()) -> SynthConfig:
-    """Read, resolve and validate a synth config; every problem is one ``UserError`` sentence."""
+def load_typed(path: str | Path, overrides: Sequence[str], model: type[T]) -> T:
+    """Read and resolve a YAML file as training configs are (OmegaConf, overrides), then validate it
+    with ``model``; every problem becomes one ``UserError`` sentence with "did you mean" help."""
     from tunelab.config.load import _explain, _read_resolved
-    from tunelab.data.sources import local_files
 
     raw = _read_resolved(Path(path), overrides)
     try:
-        config = SynthConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
-        raise UserError("\n".join(dict.fromkeys(_explain(exc, SynthConfig)))) from None
+        raise UserError("\n".join(dict.fromkeys(_explain(exc, model)))) from None
+
+
+def load_synth_config(path: str | Path, overrides: Sequence[str] = ()) -> SynthConfig:
+    """Read, resolve and validate a synth config; the seed file must exist."""
+    from tunelab.data.sources import local_files
+
+    config = load_typed(path, overrides, SynthConfig)
     local_files(config.seeds, "seeds")
     return config
