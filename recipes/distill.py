@@ -26,8 +26,10 @@ and reloads the trainable model exactly as it would on its own.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -224,6 +226,14 @@ class TeacherLogits:
         return torch.cat(values), torch.cat(ids)
 
 
+def _main_process_first() -> contextlib.AbstractContextManager:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState  # the process group tunelab's trainer core already joined
+
+        return PartialState().main_process_first()
+    return contextlib.nullcontext()
+
+
 @register
 class Distill(Recipe):
     name = "distill"
@@ -281,20 +291,22 @@ class Distill(Recipe):
             folder = Path(config.output_dir or ".") / "teacher_logits" / f"teacher{index}"
             meta = {"teacher": ref.path, "dtype": ref.dtype, "top_k": self.options.top_k, "rows": len(rows),
                     "data": hashlib.sha1("".join(sorted(row_key(r.input_ids) for r in rows)).encode()).hexdigest()}
-            if self.options.mode == "offline" and TeacherLogits.matches(folder, meta):
-                self.stored.append(TeacherLogits(folder))  # a resumed run: computed before
-                continue
-            teacher, tokenizer = load_teacher(ref.path, key, ref.dtype, ref.train)
-            check_same_tokenizer(tokenizer, student_tokenizer, f'{key} "{ref.path}"', f'model "{config.model.name_or_path}"')
-            if self.options.mode == "online":
-                self.teachers.append(teacher)
-                continue
-            print(f"tunelab: distill: computing top-{self.options.top_k} logits of teacher {ref.path} "
-                  f"on {len(rows)} rows (once; stored in {folder})")
-            TeacherLogits.compute(folder, meta, teacher, rows, student_tokenizer.pad_token_id, self.options.top_k,
-                                  self.options.teacher_batch_size)
-            del teacher  # offline: the teacher leaves memory before the student trains
-            self.stored.append(TeacherLogits(folder))
+            with _main_process_first():  # several processes: the main one computes, the others read
+                if self.options.mode == "offline" and TeacherLogits.matches(folder, meta):
+                    self.stored.append(TeacherLogits(folder))  # a resumed run (or another process) computed them
+                    continue
+                teacher, tokenizer = load_teacher(ref.path, key, ref.dtype, ref.train)
+                check_same_tokenizer(tokenizer, student_tokenizer, f'{key} "{ref.path}"',
+                                     f'model "{config.model.name_or_path}"')
+                if self.options.mode == "online":
+                    self.teachers.append(teacher)
+                    continue
+                print(f"tunelab: distill: computing top-{self.options.top_k} logits of teacher {ref.path} "
+                      f"on {len(rows)} rows (once; stored in {folder})")
+                TeacherLogits.compute(folder, meta, teacher, rows, student_tokenizer.pad_token_id, self.options.top_k,
+                                      self.options.teacher_batch_size)
+                del teacher  # offline: the teacher leaves memory before the student trains
+                self.stored.append(TeacherLogits(folder))
         return self.student.build(model, config)
 
     @staticmethod

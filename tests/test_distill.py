@@ -208,3 +208,21 @@ def test_tokenizer_mismatch_and_bad_options_are_one_sentence(teacher, tmp_path, 
     code, _, err = run_cli(capsys, "train", str(config), f"recipe.teachers=[{{path: {tmp_path}/none}}]",
                            "--output", str(tmp_path / "run2"))
     assert code == 2 and "recipe.teachers[0].path" in err and "does not exist" in err
+
+
+def test_gradient_accumulation_gives_the_same_steps(teacher, tmp_path):
+    """KD sums are normalised like the Trainer's LM loss, so 2 micro-batches of 4 = 1 of 8 (loss and gradient)."""
+    from tunelab.train.run import train
+
+    logs = {}
+    for name, micro, accumulation in (("whole", 8, 1), ("accumulated", 4, 2)):
+        config = distill_config(teacher, tmp_path / name, kd_weight=0.5, student={"name": "lora", "r": 4})
+        config = config.model_copy(update={
+            "training": config.training.model_copy(update={"max_steps": 3, "micro_batch_size": micro,
+                                                           "gradient_accumulation_steps": accumulation}),
+            "eval": config.eval.model_copy(update={"before_training": False, "exact_match": False})})
+        train(config, output_dir=tmp_path / name)
+        logs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    for whole, accumulated in zip(logs["whole"], logs["accumulated"], strict=True):
+        assert whole["loss"] == pytest.approx(accumulated["loss"], abs=1e-5)
+        assert whole["grad_norm"] == pytest.approx(accumulated["grad_norm"], abs=1e-5)
