@@ -252,6 +252,10 @@ class Distill(Recipe):
         self.student = get_recipe_class(options.student.name)(options.student)
         self.artifact = self.student.artifact
         self.merge_refusal = self.student.merge_refusal
+        if self.student.name in ("bitfit", "qlora") and not self.merge_refusal:
+            # tunelab merge applies their special handling (added biases, the NF4 base) by recipe name.
+            self.merge_refusal = (f"its student was trained with {self.student.name}, whose merge tunelab applies only to "
+                                  f"{self.student.name} runs; serve the student with tunelab generate RUN instead.")
         self.teachers: list[torch.nn.Module] = []  # online mode
         self.stored: list[TeacherLogits] = []  # offline mode
 

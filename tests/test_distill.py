@@ -169,6 +169,14 @@ def test_lora_student_saves_and_reloads_through_its_recipe(teacher, tmp_path):
     assert saved["student"] == {"name": "lora", "target_modules": "all-linear", "r": 4, "alpha": 8.0, "dropout": 0.0,
                                 "bias": "none", "modules_to_save": None}
 
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.export.merge import merge_run
+
+    merge_run(tmp_path / "lora", tmp_path / "merged")  # the LoRA student merges like any LoRA run
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert torch.allclose(probe_logits(merged), probe_logits(reloaded), atol=1e-5)
+
     # A run that saved an adapter serves as a teacher too (loaded on its base by load_trained).
     from test_synth import quickstart_rows, synth_config, write_jsonl
 

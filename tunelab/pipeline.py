@@ -158,6 +158,8 @@ def fingerprint(settings: dict, upstream: dict[Path, str]) -> str:
         except OSError:
             continue
         resolved = path.resolve()
+        if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+            continue  # "." or a parent folder is where things run, not an input
         owner = next((fp for folder, fp in upstream.items() if resolved == folder or folder in resolved.parents), None)
         digest.update(text.encode())
         if owner is not None:

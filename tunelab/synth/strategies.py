@@ -237,10 +237,11 @@ class Rationale(Strategy):
         for seed, reply in zip(seeds, generate("rationale", requests), strict=True):
             candidate = Candidate(seed.prompt, "", self.name, 0, [seed.id])
             head, found, tail = reply.rpartition(o.marker)
-            if not found:
+            answer = (tail.strip().splitlines() or [""])[0].strip()  # the marker's line; text after it is not the answer
+            if not found or not answer:
                 candidate.answer, candidate.dropped = reply, "rationale_no_answer"
             else:
-                candidate.rationale, candidate.answer = head.strip(), tail.strip()
+                candidate.rationale, candidate.answer = head.strip(), answer
                 if o.require_seed_answer and candidate.answer != seed.answer.strip():
                     candidate.dropped = "rationale_wrong_answer"
             out.append(candidate)
