@@ -108,17 +108,32 @@ def teacher_distribution(teachers: list[tuple[torch.Tensor, torch.Tensor | None]
                          vocab: int, temperature: float) -> torch.Tensor:
     """Weighted mixture of the teachers' distributions at ``temperature`` as a dense [N, vocab] tensor.
 
-    Each teacher is (logits [N, k], token ids [N, k]) for its top-k, or (logits [N, vocab], None);
-    a top-k teacher is renormalised over its k tokens and is zero elsewhere.
+    Each teacher is (logits [N, k], token ids [N, k]) for its top-k, or (logits [N, V], None);
+    a top-k teacher is renormalised over its k tokens and is zero elsewhere. Same tokenizer does
+    not mean same embedding width (some models pad it): ids at or past ``vocab`` never carry
+    probability, and a full-width teacher is cut or padded to ``vocab``.
     """
     total = sum(weights)
     mixture = None
     for (logits, ids), weight in zip(teachers, weights, strict=True):
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
-        if ids is not None:
-            probs = torch.zeros(logits.shape[0], vocab, dtype=probs.dtype, device=probs.device).scatter_(-1, ids.long(), probs)
+        logits = _at_least_fp32(logits)
+        if ids is None:
+            if logits.shape[-1] >= vocab:
+                logits = logits[..., :vocab]
+            else:
+                logits = torch.nn.functional.pad(logits, (0, vocab - logits.shape[-1]), value=float("-inf"))
+            probs = torch.softmax(logits / temperature, dim=-1)
+        else:
+            outside = ids >= vocab
+            probs = torch.softmax(logits.masked_fill(outside, float("-inf")) / temperature, dim=-1)
+            probs = torch.zeros(logits.shape[0], vocab, dtype=probs.dtype, device=probs.device).scatter_add_(
+                -1, ids.long().masked_fill(outside, 0), probs.masked_fill(outside, 0.0))
         mixture = probs * (weight / total) if mixture is None else mixture + probs * (weight / total)
     return mixture
+
+
+def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 def divergence(student_logits: torch.Tensor, teacher_probs: torch.Tensor, kind: str, temperature: float = 1.0,
@@ -129,7 +144,7 @@ def divergence(student_logits: torch.Tensor, teacher_probs: torch.Tensor, kind: 
     when the teacher's distribution is over the full vocabulary).
     """
     support = teacher_probs > 0
-    log_q = torch.log_softmax((student_logits.float() / temperature).masked_fill(~support, float("-inf")), dim=-1)
+    log_q = torch.log_softmax((_at_least_fp32(student_logits) / temperature).masked_fill(~support, float("-inf")), dim=-1)
     log_p = torch.log(teacher_probs.clamp_min(1e-38))
     p, q = teacher_probs, log_q.exp()
 
@@ -154,8 +169,8 @@ def trained_positions(labels: torch.Tensor) -> torch.Tensor:
 def top_k_logits(logits: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(values, ids) of the k largest logits per row, or (logits, None) for the full vocabulary."""
     if k is None or k >= logits.shape[-1]:
-        return logits.float(), None
-    values, ids = torch.topk(logits.float(), k, dim=-1)
+        return _at_least_fp32(logits), None
+    values, ids = torch.topk(_at_least_fp32(logits), k, dim=-1)
     return values, ids
 
 

@@ -234,3 +234,13 @@ def test_gradient_accumulation_gives_the_same_steps(teacher, tmp_path):
     for whole, accumulated in zip(logs["whole"], logs["accumulated"], strict=True):
         assert whole["loss"] == pytest.approx(accumulated["loss"], abs=1e-5)
         assert whole["grad_norm"] == pytest.approx(accumulated["grad_norm"], abs=1e-5)
+
+
+def test_teacher_with_a_padded_embedding_matches_the_unpadded_one():
+    """Same tokenizer, wider output layer (padding rows never predicted): the same distribution."""
+    logits = torch.randn(4, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    padded = torch.cat([logits, torch.full((4, 3), -1e4, dtype=torch.float64)], dim=-1)
+    for k in (None, 5):
+        plain = teacher_distribution([top_k_logits(logits, k)], [1.0], 9, 1.5)
+        wide = teacher_distribution([top_k_logits(padded, k)], [1.0], 9, 1.5)
+        assert torch.allclose(plain, wide, atol=1e-12) and torch.allclose(plain.sum(-1), torch.ones(4, dtype=torch.float64))
