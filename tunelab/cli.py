@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import traceback
 from collections.abc import Sequence
@@ -36,8 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             traceback.print_exc()
-        for line in str(exc).splitlines():
-            print(f"tunelab: error: {line}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every process meets the same error; one says it
+            for line in str(exc).splitlines():
+                print(f"tunelab: error: {line}", file=sys.stderr)
         return EXIT_USER_ERROR
     except RunInterrupted as exc:
         print(str(exc), file=sys.stderr)
@@ -58,6 +60,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if "datasets" in sys.modules:  # already imported (in-process use): the variable alone comes too late
         sys.modules["datasets"].disable_progress_bars()
+    if shutil.which("nvidia-smi") is None:  # DeepSpeed, when installed, warns on import that it found no GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -67,16 +71,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     # DeepSpeed is always started by a launcher, even for one process (e.g. one GPU with ZeRO-3 offload).
     if (args.nproc > 1 or config.distributed.strategy == "deepspeed") and "WORLD_SIZE" not in os.environ:
-        return _launch(args.nproc, args.argv)
+        return _launch(args.nproc, args.argv, debug=args.debug)
     output = args.output or config.output_dir or f"runs/{Path(args.config).stem}"
     train(config, output_dir=output, max_steps=args.max_steps, resume=args.resume, overwrite=args.overwrite,
           allow_config_change=args.allow_config_change)
     return 0
 
 
-def _launch(nproc: int, argv: Sequence[str]) -> int:
-    """Start ``nproc`` training processes on this machine with torchrun (the config was checked first)."""
-    import subprocess
+def _launch(nproc: int, argv: Sequence[str], debug: bool = False) -> int:
+    """Start ``nproc`` training processes on this machine, as ``torchrun --standalone`` would
+    (the config was checked first), and return the exit code of the first that failed.
+
+    torchrun's own entry point would add a launcher traceback to every failure, even to a
+    one-sentence config error that the processes already printed.
+    """
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     kept, skip = [], False
     for item in argv:  # the same command line, without --nproc
@@ -86,8 +99,18 @@ def _launch(nproc: int, argv: Sequence[str]) -> int:
             skip = True
         elif not item.startswith("--nproc="):
             kept.append(item)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "tunelab", *kept]
-    return subprocess.run(command).returncode
+    if not debug:
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # One intra-op thread pool per core share, as torchrun sets it.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    try:
+        elastic_launch(config, sys.executable)("-m", "tunelab", *kept)
+    except ChildFailedError as failed:
+        code = failed.get_first_failure()[1].exitcode
+        return 128 - code if code < 0 else code  # killed by a signal: the shell's convention
+    return 0
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
 
 def parse_config(raw: Any, source: str = "config") -> Config:
     """Validate an already-resolved mapping (from YAML or a saved run) into a ``Config``."""
+    from tunelab.launch.strategy import check_strategy
     from tunelab.recipes import get_recipe_class
 
     if not isinstance(raw, dict):
@@ -48,6 +49,7 @@ def parse_config(raw: Any, source: str = "config") -> Config:
         raise UserError("\n".join(dict.fromkeys(errors)))
 
     get_recipe_class(config.recipe.name)(config.recipe).check(config)
+    check_strategy(config)
     return config
 
 

@@ -25,8 +25,6 @@ from tunelab.errors import UserError
 if TYPE_CHECKING:
     from tunelab.config.schema import Config, DistributedConfig
 
-SHARDED = ("fsdp", "deepspeed")
-
 
 def check_strategy(config: Config, world_size: int | None = None) -> None:
     """Refuse strategy settings that cannot work, before any model loads (also run by ``validate``).
@@ -43,9 +41,11 @@ def check_strategy(config: Config, world_size: int | None = None) -> None:
     if dist.strategy == "fsdp" and world_size == 1:
         raise UserError('distributed.strategy "fsdp" shards the model across processes but this run has one; '
                         "start it with --nproc N (or torchrun / accelerate launch), or use strategy ddp.")
-    if dist.strategy in SHARDED and config.recipe.name in ("prefix", "ptuning"):
-        raise UserError(f'recipe "{config.recipe.name}" is not supported with distributed.strategy "{dist.strategy}" '
-                        "(its virtual-token encoder lives outside the decoder layers that are sharded); use strategy ddp.")
+    if dist.strategy == "fsdp" and config.recipe.name in ("prefix", "ptuning"):
+        # Measured: the virtual-token embedding stays a plain tensor and meets sharded (DTensor)
+        # weights in the first layer, which FSDP2 refuses mid-step.
+        raise UserError(f'recipe "{config.recipe.name}" does not train under distributed.strategy "fsdp" (its '
+                        "virtual tokens live outside the sharded layers); use strategy deepspeed or ddp.")
     if dist.strategy == "deepspeed" and config.training.optimizer.startswith("paged_"):
         raise UserError(f"training.optimizer {config.training.optimizer} cannot be combined with DeepSpeed, which "
                         "manages optimizer memory itself; use adamw_torch (and distributed.deepspeed.offload_optimizer).")
