@@ -114,6 +114,9 @@ def test_planted_rows_are_dropped_by_the_right_check_and_rows_carry_provenance(t
     assert report["generated"] == len(seeds) == report["kept"] + sum(dropped.values())
     # The teacher knows the task: its own replies are numbers and pass the format check.
     assert dropped["answer_format"] - 3 <= 2
+    why = {r["prompt"]: r["dropped"] for r in map(json.loads, (tmp_path / "out/dropped.jsonl").read_text().splitlines())}
+    assert [why.get(p[i]) for i in range(7)] == ["refusal"] * 3 + ["answer_format"] * 3 + ["answer_length"]
+    assert why["So, " + p[7]] == why["Well, " + p[8]] == "duplicate_near"
     rows = [json.loads(line) for line in (tmp_path / "out/data.jsonl").read_text().splitlines()]
     kept_prompts = {r["prompt"] for r in rows}
     assert not kept_prompts & {p[i] for i in range(7)} and "So, " + p[7] not in kept_prompts

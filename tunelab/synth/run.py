@@ -3,6 +3,7 @@
 Output folder::
 
     data.jsonl     kept rows in output.format, each with its provenance
+    dropped.jsonl  the other candidates, each with the reason it was dropped (to audit the checks)
     report.json    generated, kept, dropped per reason, teacher and judge calls (new / reused)
     config.yaml    the resolved config
     work/generations.jsonl   the journal of every batch the teacher answered (what a rerun reuses)
@@ -104,6 +105,8 @@ def synthesize(config: SynthConfig, output_dir: str | Path, backend: Backend | N
     kept = [c for c in candidates if c.dropped is None]
     lines = "".join(json.dumps(to_row(c, config, backend.name), ensure_ascii=False) + "\n" for c in kept)
     atomic_write_text(out / "data.jsonl", lines)
+    dropped = [{**to_row(c, config, backend.name), "dropped": c.dropped} for c in candidates if c.dropped]
+    atomic_write_text(out / "dropped.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in dropped))
     calls = [generate] + ([judged] if judged else [])
     report = {
         "generated": len(candidates),
