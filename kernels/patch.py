@@ -70,7 +70,7 @@ class KernelReport:
         for name, reason in self.refused.items():
             by_reason[reason].append(name)
         for reason, names in by_reason.items():
-            lines.append(f"tunelab: kernels: {len(names)} LoRA layers keep PEFT's forward: {reason} (e.g. {names[0]})")
+            lines.append(f"tunelab: kernels: {len(names)} LoRA layers keep PEFT's forward: {reason}; e.g. {names[0]}")
         return "\n".join(lines)
 
 

@@ -15,16 +15,13 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).abs().max() / want.abs().max().clamp(min=1e-30)).item()
 
 
-class LlamaMLP(nn.Module):  # the class name is what the patch recognises as a SwiGLU block
-    def __init__(self, dim: int, inter: int, dtype=torch.float32):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, inter, bias=False, dtype=dtype)
-        self.up_proj = nn.Linear(dim, inter, bias=False, dtype=dtype)
-        self.down_proj = nn.Linear(inter, dim, bias=False, dtype=dtype)
-        self.act_fn = nn.SiLU()
+def llama_mlp(dim: int, inter: int, dtype=torch.float32) -> nn.Module:
+    """transformers' own SwiGLU MLP block (gate, up, down, SiLU)."""
+    from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP
 
-    def forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+    config = LlamaConfig(hidden_size=dim, intermediate_size=inter, hidden_act="silu", num_attention_heads=1, num_key_value_heads=1,
+                         head_dim=2)  # attention settings only satisfy the validation of odd widths
+    return LlamaMLP(config).to(dtype)
 
 
 class LlamaAttention(nn.Module):  # only its q/k/v calls matter here
@@ -34,8 +31,9 @@ class LlamaAttention(nn.Module):  # only its q/k/v calls matter here
         self.k_proj = nn.Linear(dim, kv, bias=False, dtype=dtype)
         self.v_proj = nn.Linear(dim, kv, bias=False, dtype=dtype)
 
-    def forward(self, x):
-        return self.q_proj(x).sum(-1, keepdim=True) * self.k_proj(x).mean(-1, keepdim=True) + self.v_proj(x).sum(-1, keepdim=True)
+    def forward(self, x):  # any mix of q, k and v that is well conditioned (no long sums that cancel)
+        kv = self.k_proj(x) * self.v_proj(x)
+        return self.q_proj(x) + torch.nn.functional.pad(kv, (0, self.q_proj.out_features - kv.shape[-1]))
 
 
 class Block(nn.Module):
@@ -45,7 +43,7 @@ class Block(nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(dim, kv, dtype)
         self.o_proj = nn.Linear(dim, dim, bias=False, dtype=dtype)
-        self.mlp = LlamaMLP(dim, inter, dtype)
+        self.mlp = llama_mlp(dim, inter, dtype)
 
     def forward(self, x):
         h = self.o_proj(x) + self.self_attn(x)

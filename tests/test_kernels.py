@@ -83,8 +83,9 @@ def test_lora_mlp_and_qkv_blocks_equal_plain_autograd():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_patched_peft_block_equals_peft(dtype):
     """fp32: fused equals PEFT (1e-5). bf16: both round differently, so both are measured against the same
-    weights evaluated in fp32. Through this two-level block (q/k/v + o, then the MLP) PEFT's own bf16 error
-    reaches 1.8e-2 (3 seeds measured), so the fused block is held to 2e-2 here; single kernels to 1e-2 above."""
+    weights evaluated in fp32. Through this two-level block (q/k/v + o, then the MLP) the largest error over
+    output and gradients measured 0.96e-2 to 1.99e-2 for PEFT and 1.07e-2 to 1.59e-2 fused (6 seeds), so the
+    fused block is held to 2e-2 here; single kernels to 1e-2 above."""
     peft = peft_block(dtype=dtype)
     fused, exact = twin(peft), twin(peft).float()
     report = patch_model(fused, "torch")
@@ -232,11 +233,11 @@ def test_training_with_kernels_equals_training_without(tmp_path):
     """Same loss at every step (fp32, 1e-5) and the same adapter, with gradient accumulation
     (the Trainer's num_items_in_batch normalisation goes through the fused loss)."""
     common = ("training.gradient_accumulation_steps=2", "training.micro_batch_size=8")
-    fused = train_tiny("lora", tmp_path, "training.kernels=torch", *common, steps=8)
-    plain = train_tiny("lora", tmp_path, "training.kernels=off", *common, steps=8)
+    fused = train_tiny("lora", tmp_path, "training.kernels=torch", *common, steps=10)
+    plain = train_tiny("lora", tmp_path, "training.kernels=off", *common, steps=10)
     assert fused.model.tunelab_kernels.patched and not fused.model.tunelab_kernels.loss_refusal
     losses = [r["loss"] for r in _records(fused)], [r["loss"] for r in _records(plain)]
-    assert len(losses[0]) == 8 and losses[0][0] > losses[0][-1]
+    assert len(losses[0]) == 10 and losses[0][0] > losses[0][-1]
     for got, want in zip(*losses):
         assert abs(got - want) <= 1e-5 * want
     want = {n: p for n, p in plain.model.named_parameters() if p.requires_grad}
