@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import write_config
-from recipe_helpers import probe_logits, run_yaml
+from conftest import run_cli, write_config
+from recipe_helpers import REPO, probe_logits, run_yaml
 
 from tunelab.models.trained import load_trained
 
@@ -156,3 +156,40 @@ def test_sharded_run_resumes_exactly(tmp_path, single_process_runs):
     assert [r["step"] for r in two] == [1, 2, 3, 4]
     for a, b in zip(one, two, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5, (a["step"], a["loss"], b["loss"])
+
+
+TINY = {"model": {"name_or_path": "builtin:tiny-llama"},
+        "data": {"datasets": [{"path": "configs/data/quickstart/train.jsonl", "format": "prompt_completion"}]}}
+
+
+@pytest.mark.parametrize(("recipe", "distributed", "message"), [
+    ("lora", {"strategy": "deepspeed", "deepspeed": {"zero_stage": 2, "offload_params": True}},
+     "distributed.deepspeed.offload_params needs zero_stage 3"),
+    ("prefix", {"strategy": "fsdp"}, 'recipe "prefix" does not train under distributed.strategy "fsdp"'),
+    ("lora", {"strategy": "fdsp"}, "\"distributed.strategy\": input should be 'ddp', 'fsdp' or 'deepspeed', got 'fdsp'"),
+])
+def test_impossible_strategies_are_refused_by_validate(recipe, distributed, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    config = write_config(tmp_path, yaml.safe_dump({**TINY, "recipe": {"name": recipe}, "distributed": distributed}))
+    code, _, err = run_cli(capsys, "validate", str(config))
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err
+
+
+def test_fsdp_with_one_process_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    config = write_config(tmp_path, yaml.safe_dump({**TINY, "recipe": {"name": "lora"}, "distributed": {"strategy": "fsdp"}}))
+    code, _, err = run_cli(capsys, "train", str(config), "--output", str(tmp_path / "run"))
+    assert code == 2 and "shards the model across processes but this run has one; start it with --nproc N" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_deepspeed_is_named_with_the_install_command(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real_find_spec(name, *a))
+    monkeypatch.chdir(REPO)
+    config = write_config(tmp_path, yaml.safe_dump({**TINY, "recipe": {"name": "lora"}, "distributed": {"strategy": "deepspeed"}}))
+    code, _, err = run_cli(capsys, "validate", str(config))
+    assert code == 2 and 'DeepSpeed is not installed; pip install "tunelab[deepspeed]"' in err, err

@@ -110,7 +110,14 @@ def training_arguments(config: Config, model: torch.nn.Module) -> dict[str, Any]
                 "train_micro_batch_size_per_gpu": "auto",
                 "gradient_accumulation_steps": "auto",
                 "gradient_clipping": "auto",
+                # A bf16/fp16 model trains in DeepSpeed's mixed precision: 16-bit weights for the
+                # passes, fp32 master weights in the (sharded) optimizer. Set by the two flags below.
+                "bf16": {"enabled": "auto"},
+                "fp16": {"enabled": "auto"},
             },
+            # (On a CPU the Trainer refuses these flags; a 16-bit model then trains without master weights.)
+            "bf16": config.model.dtype == "bfloat16" and torch.cuda.is_available(),
+            "fp16": config.model.dtype == "float16" and torch.cuda.is_available(),
             # The Trainer would form the process state again (and, without a GPU, lose the ranks
             # that process_group_backend gave it); the one tunelab formed is kept instead.
             "accelerator_config": {"use_configured_state": True},

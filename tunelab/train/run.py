@@ -83,6 +83,7 @@ def train(
         raise UserError("no run directory: set output_dir in the config or pass --output.")
     run_dir = Path(output_dir or config.output_dir)
     procs = Processes(config.distributed)
+    check_strategy(config, procs.world_size)
     if procs.is_main:
         _prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     procs.barrier()
@@ -115,7 +116,6 @@ def train(
 
     recipe = get_recipe_class(config.recipe.name)(config.recipe)
     check_optimizer(config.training.optimizer)
-    check_strategy(config, procs.world_size)
     with procs.main_first():
         base = load_model(config.model, **recipe.load_kwargs(config))
     set_seed(config.training.seed)  # after loading, so adapter init never depends on what loading drew
