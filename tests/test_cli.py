@@ -52,3 +52,16 @@ def test_checkout_kernels_folder_never_shadows_the_pypi_kernels_package():
     done = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-1500:]
     assert str(repo / "kernels") not in done.stdout
+
+
+def test_every_package_is_listed_for_installation():
+    """pyproject lists packages by name (recipes/ and kernels/ are mapped); a new subpackage that is
+    not listed works in a checkout but is missing from a built wheel."""
+    import tomllib
+
+    from recipe_helpers import REPO
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "tunelab").rglob("__init__.py")}
+    on_disk |= {"tunelab.recipes", "tunelab.kernels"}
+    assert on_disk == listed
