@@ -82,25 +82,35 @@ def fwd_bwd(model: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
     model(x).backward(dy)
 
 
-def measure(step, device: str, reps: int) -> tuple[float, float]:
-    """(median seconds, peak memory above the starting point in MiB; CPU: saved-activation MiB)."""
-    step()  # warm-up (Triton compiles here)
-    times = []
+def measure(steps, device: str, reps: int) -> list[tuple[float, float]]:
+    """Per step: (median seconds, peak memory above the starting point in MiB; CPU: saved-activation MiB).
+
+    The steps are timed in turn within each repetition, so a machine whose load changes (shared CPUs,
+    GPU clocks) weighs on all of them alike.
+    """
+    for step in steps:
+        step()  # warm-up (Triton compiles here)
+    times = [[] for _ in steps]
     for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        for step, samples in zip(steps, times):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            samples.append(time.perf_counter() - start)
+    return [(statistics.median(samples), memory(step, device)) for step, samples in zip(steps, times)]
+
+
+def memory(step, device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         step()
         torch.cuda.synchronize()
-        return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**20
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
     seen: dict[int, int] = {}
 
     def pack(tensor):
@@ -110,7 +120,7 @@ def measure(step, device: str, reps: int) -> tuple[float, float]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step()
-    return statistics.median(times), sum(seen.values()) / 2**20
+    return sum(seen.values()) / 2**20
 
 
 def rel_err(got, want) -> float:
@@ -154,8 +164,8 @@ def lora_cases(s: dict, device: str, backend: str, reps: int) -> list[tuple]:
         dy = torch.randn(n, sum(o for _, o in shapes) if "q/k/v" in name else shapes[-1][1], device=device, dtype=dt)
         verdict = check(peft, fused, x, dy)
         flops = lora_flops(n, shapes, r)
-        peft_t, peft_m = measure(lambda: fwd_bwd(peft, x, dy), device, reps)
-        fused_t, fused_m = measure(lambda: fwd_bwd(fused, x, dy), device, reps)
+        (peft_t, peft_m), (fused_t, fused_m) = measure([lambda: fwd_bwd(peft, x, dy), lambda: fwd_bwd(fused, x, dy)],
+                                                       device, reps)
         rows.append((name, flops, peft_t, peft_m, fused_t, fused_m, verdict))
         del peft, fused, x, dy
     return rows
@@ -178,8 +188,8 @@ def ce_case(s: dict, device: str, backend: str, reps: int) -> tuple:
     grad_got, grad_want = torch.autograd.grad(got, hidden)[0], torch.autograd.grad(want, hidden)[0]
     err = max(abs(got.item() - want.item()) / abs(want.item()), rel_err(grad_got, grad_want))
     verdict = ("ok" if err <= (1e-5 if dt == torch.float32 else 1e-2) else "FAIL") + f" (max rel err vs unfused {err:.1e})"
-    unfused_t, unfused_m = measure(lambda: unfused().backward(), device, reps)
-    fused_t, fused_m = measure(lambda: fused().backward(), device, reps)
+    (unfused_t, unfused_m), (fused_t, fused_m) = measure([lambda: unfused().backward(), lambda: fused().backward()],
+                                                         device, reps)
     return (f"linear CE {n}x{d} vocab {v}", 4 * n * d * v, unfused_t, unfused_m, fused_t, fused_m, verdict)
 
 
