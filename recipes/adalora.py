@@ -17,6 +17,9 @@ cut to it, so the adapter reloads at its learned ranks.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated
 
 import torch
@@ -79,6 +82,11 @@ def total_rank(model: torch.nn.Module) -> int:
     return sum(sum(mask) for mask in config.rank_pattern.values())
 
 
+# Checkpointed with the adapter: the pattern of kept ranks and the smoothed importance estimates.
+ALLOCATOR_FILE = "adalora_state.pt"
+ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+
 class RankAllocation(TrainerCallback):
     """Run AdaLoRA's importance update and pruning after each optimizer step, before gradients are cleared."""
 
@@ -126,3 +134,30 @@ class Adalora(Lora):
 
     def log_metrics(self, model: torch.nn.Module) -> dict[str, float]:
         return {"adalora_total_rank": total_rank(model)}
+
+    @contextlib.contextmanager
+    def checkpointing(self, model: torch.nn.Module, directory: Path, write: bool) -> Iterator[None]:
+        # PEFT saves an AdaLoRA adapter cut to its current rank pattern. A resumed run starts
+        # from init_r ranks and cannot load that, and the masked ranks' A/B rows (which keep
+        # training and can be unmasked again) would be lost: checkpoints keep every rank, and the
+        # pattern and the allocator's smoothed importance estimates go in a file of their own.
+        config = model.peft_config["default"]
+        pattern, config.rank_pattern = config.rank_pattern, None
+        try:
+            yield
+        finally:
+            config.rank_pattern = pattern
+        if write:
+            allocator = model.base_model.rankallocator
+            state = {"rank_pattern": pattern, **{name: getattr(allocator, name) for name in ALLOCATOR_STATE}}
+            torch.save(state, directory / ALLOCATOR_FILE)
+
+    def load_checkpoint_state(self, model: torch.nn.Module, directory: Path) -> None:
+        path = directory / ALLOCATOR_FILE
+        if not path.is_file():
+            raise UserError(f"{directory} has no {ALLOCATOR_FILE} (AdaLoRA's rank allocation); it was written by an "
+                            "older tunelab or is incomplete; resume from another checkpoint or start the run again.")
+        state = torch.load(path, weights_only=True)
+        model.peft_config["default"].rank_pattern = state.pop("rank_pattern")
+        for name, value in state.items():
+            setattr(model.base_model.rankallocator, name, value)

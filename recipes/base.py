@@ -9,6 +9,8 @@ defines a ``Recipe`` subclass decorated with ``@register``; nothing else changes
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -100,6 +102,19 @@ class Recipe:
     def log_metrics(self, model: torch.nn.Module) -> dict[str, float]:
         """Values written with the loss at every logging step (e.g. rank budget, gate statistics)."""
         return {}
+
+    @contextlib.contextmanager
+    def checkpointing(self, model: torch.nn.Module, directory: Path, write: bool) -> Iterator[None]:
+        """Wraps the Trainer's writing of a checkpoint into ``directory`` (a staging folder).
+
+        For training state of the method that the Trainer does not save (weights, optimizer,
+        scheduler, RNG and data position it does): adjust what the Trainer writes before
+        yielding, add files after it (only when ``write``: the main process). Nothing by default.
+        """
+        yield
+
+    def load_checkpoint_state(self, model: torch.nn.Module, directory: Path) -> None:
+        """Restore what ``checkpointing`` added, before a resumed run continues from ``directory``."""
 
     def save(self, model: torch.nn.Module, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write the trained artifact into ``directory`` (an empty staging folder).

@@ -99,3 +99,41 @@ def test_final_rank_pattern_is_saved_and_reloads(run):
 def test_impossible_schedules_are_refused(override, message, capsys):
     code, _, err = run_cli(capsys, "validate", str(REPO / "configs/tiny/adalora.yaml"), override)
     assert code == 2 and message in err
+
+
+@pytest.mark.parametrize("resume_at", [6, 9])  # mid-budgeting (importance estimates), after the final allocation (rank pattern)
+def test_resume_continues_the_rank_allocation_exactly(resume_at, tmp_path):
+    """A run cut back to a checkpoint resumes to the uninterrupted losses, ranks and adapter.
+
+    AdaLoRA's pruning depends on state outside the weights and optimizer: smoothed importance
+    estimates while the budget shrinks, then the fixed rank pattern. Both travel in checkpoints.
+    """
+    import shutil
+
+    from tunelab.config import load_config
+    from tunelab.train.run import train
+
+    overrides = ["training.max_steps=12", "training.save_steps=3", "training.save_total_limit=5",
+                 "training.logging_steps=1", "recipe.tinit=2", "recipe.tfinal=4", "recipe.delta_t=1",
+                 "eval.before_training=false", "eval.exact_match=false", "eval.max_samples=8"]
+    config = load_config(REPO / "configs/tiny/adalora.yaml", overrides)
+    whole = train(config, output_dir=tmp_path / "whole")
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "whole", cut)
+    for later in range(resume_at + 3, 13, 3):
+        shutil.rmtree(cut / "checkpoints" / f"checkpoint-{later}")
+    shutil.rmtree(cut / "adapter")
+    (cut / "metrics.jsonl").write_text("".join((cut / "metrics.jsonl").read_text().splitlines(True)[:resume_at]))
+    resumed = train(load_config(cut / "config.yaml"), output_dir=cut, resume=True, allow_config_change=True)
+
+    records = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+               for name in ("whole", "cut")}
+    assert [r["step"] for r in records["cut"]] == list(range(1, 13))
+    for a, b in zip(records["whole"], records["cut"], strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-6, (a["step"], a["loss"], b["loss"])
+        assert a["adalora_total_rank"] == b["adalora_total_rank"], a["step"]
+    assert whole.model.peft_config["default"].rank_pattern == resumed.model.peft_config["default"].rank_pattern
+    saved = [load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in ("whole", "cut")]
+    assert saved[0].keys() == saved[1].keys()
+    for key in saved[0]:
+        assert torch.allclose(saved[0][key], saved[1][key], rtol=0, atol=1e-6), key

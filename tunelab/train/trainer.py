@@ -108,6 +108,11 @@ class RecipeTrainer(Trainer):
             state_dict = self.accelerator.get_state_dict(self.model_wrapped)
         return state_dict if self.args.should_save else None
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # After the weights: the recipe's own state may reshape how they are used (AdaLoRA's ranks).
+        self.recipe.load_checkpoint_state(self.model, Path(resume_from_checkpoint))
+
     def _get_output_dir(self, trial):
         return self._staging_root or super()._get_output_dir(trial)
 
@@ -117,13 +122,15 @@ class RecipeTrainer(Trainer):
         final_root = Path(super()._get_output_dir(trial))
         name = f"checkpoint-{self.state.global_step}"
         self._staging_root = str(final_root / f".staging-{name}")
+        staged = final_root / f".staging-{name}" / name
         try:
-            super()._save_checkpoint(model, trial)
+            with self.recipe.checkpointing(self.model, staged, write=self.args.should_save):
+                super()._save_checkpoint(model, trial)
         finally:
             self._staging_root = None
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            staged, final = final_root / f".staging-{name}" / name, final_root / name
+            final = final_root / name
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staged, final)
