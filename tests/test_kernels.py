@@ -222,9 +222,10 @@ def test_triton_without_a_gpu_is_a_clear_error(monkeypatch, capsys, tmp_path):
     assert resolve("auto") == "torch" and resolve("off") is None
     from recipe_helpers import run_yaml
 
-    code, _, err = run_cli(capsys, "train", str(write_config(tmp_path, run_yaml(kernels="triton", max_steps=1))),
-                           "--output", str(tmp_path / "run"))
+    code, out, err = run_cli(capsys, "train", str(write_config(tmp_path, run_yaml(kernels="triton", max_steps=1))),
+                             "--output", str(tmp_path / "run"))
     assert code == 2 and 'training.kernels is "triton" but this machine has no CUDA GPU' in err
+    assert "parameters trainable" not in out  # refused before the model was loaded
 
 
 # --- training with and without ------------------------------------------------------

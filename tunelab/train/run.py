@@ -47,6 +47,7 @@ from tunelab.data.templates import apply_template_choice
 from tunelab.errors import UserError
 from tunelab.eval.heldout import exact_match, heldout_loss
 from tunelab.io import atomic_dir, atomic_write_text
+from tunelab.kernels.backend import resolve as resolve_kernels
 from tunelab.kernels.patch import patch_model
 from tunelab.launch.strategy import check_strategy, describe_strategy, release_sharding, uses_cpu_mode
 from tunelab.launch.strategy import training_arguments as strategy_arguments
@@ -116,6 +117,7 @@ def train(
 
     recipe = get_recipe_class(config.recipe.name)(config.recipe)
     check_optimizer(config.training.optimizer)
+    resolve_kernels(config.training.kernels)  # a refused training.kernels fails before the model loads
     with procs.main_first():
         base = load_model(config.model, **recipe.load_kwargs(config))
     set_seed(config.training.seed)  # after loading, so adapter init never depends on what loading drew
