@@ -6,7 +6,8 @@ fused linear cross-entropy vs the unfused one (vocab 128256, frozen head as in L
 Without CUDA, or with --cpu: the same cases scaled down, in fp32, PyTorch path vs PEFT.
 
     python bench/kernels.py            # GPU when there is one
-    python bench/kernels.py --cpu      # the CPU version (a few minutes on 2 cores)
+    python bench/kernels.py --cpu      # the CPU version (about a minute on 2 cores)
+    TRITON_INTERPRET=1 python bench/kernels.py --smoke   # tiny shapes, Triton interpreted: the script itself works
 
 Each case first compares the fused result (output and every gradient) with PEFT's and with an fp32
 evaluation of the same weights, and prints FAIL when the fused error is out of bounds.
@@ -32,11 +33,14 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP  # noqa: E402
 
+from tunelab.kernels.backend import interpreter_on  # noqa: E402
 from tunelab.kernels.linear_ce import linear_cross_entropy  # noqa: E402
 from tunelab.kernels.patch import patch_model  # noqa: E402
 
 GPU = dict(hidden=4096, inter=14336, kv=1024, rank=16, tokens=8192, vocab=128256, dtype=torch.bfloat16)
 CPU = dict(hidden=1024, inter=2816, kv=256, rank=16, tokens=2048, vocab=32000, dtype=torch.float32)
+# --smoke: the script's own check, in seconds; with TRITON_INTERPRET=1 the Triton rows run too (interpreted).
+SMOKE = dict(hidden=64, inter=176, kv=32, rank=8, tokens=96, vocab=300, dtype=torch.float32)
 
 
 class Linear(nn.Module):
@@ -59,18 +63,21 @@ class LlamaAttention(nn.Module):  # only the q/k/v projections, which is what is
         return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
 
 
-def lora_pair(module: nn.Module, rank: int, backend: str) -> tuple[nn.Module, nn.Module]:
-    """(PEFT, fused twin) with the same random weights; B non-zero so every gradient is real work."""
+def lora_models(module: nn.Module, rank: int, backends: list[str]) -> tuple[nn.Module, list[nn.Module]]:
+    """PEFT, and one fused twin per backend, with the same random weights; B non-zero so every gradient is real work."""
     torch.manual_seed(0)
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
     peft = get_peft_model(module, config, autocast_adapter_dtype=False)
     for name, p in peft.named_parameters():
         if "lora_B" in name:
             nn.init.normal_(p, std=0.02)
-    fused = copy.deepcopy(peft)
-    report = patch_model(fused, backend)
-    assert report.patched and not report.refused, report.describe()
-    return peft, fused
+    twins = []
+    for backend in backends:
+        fused = copy.deepcopy(peft)
+        report = patch_model(fused, backend)
+        assert report.patched and not report.refused, report.describe()
+        twins.append(fused)
+    return peft, twins
 
 
 def lora_flops(tokens: int, shapes: list[tuple[int, int]], rank: int) -> float:
@@ -147,7 +154,7 @@ def check(peft: nn.Module, fused: nn.Module, x: torch.Tensor, dy: torch.Tensor) 
     return f"{verdict} (max rel err vs fp32: fused {fused_err:.1e}, PEFT {peft_err:.1e})"
 
 
-def lora_cases(s: dict, device: str, backend: str, reps: int) -> list[tuple]:
+def lora_cases(s: dict, device: str, backends: list[str], reps: int) -> list[tuple]:
     h, i, kv, r, n, dt = s["hidden"], s["inter"], s["kv"], s["rank"], s["tokens"], s["dtype"]
     cases = [
         (f"LoRA {h}->{h}", Linear(h, h, dt), h, [(h, h)]),
@@ -159,19 +166,19 @@ def lora_cases(s: dict, device: str, backend: str, reps: int) -> list[tuple]:
     ]
     rows = []
     for name, module, d_in, shapes in cases:
-        peft, fused = lora_pair(module.to(device), r, backend)
+        peft, twins = lora_models(module.to(device), r, backends)
         x = torch.randn(n, d_in, device=device, dtype=dt, requires_grad=True)
         dy = torch.randn(n, sum(o for _, o in shapes) if "q/k/v" in name else shapes[-1][1], device=device, dtype=dt)
-        verdict = check(peft, fused, x, dy)
-        flops = lora_flops(n, shapes, r)
-        (peft_t, peft_m), (fused_t, fused_m) = measure([lambda: fwd_bwd(peft, x, dy), lambda: fwd_bwd(fused, x, dy)],
-                                                       device, reps)
-        rows.append((name, flops, peft_t, peft_m, fused_t, fused_m, verdict))
-        del peft, fused, x, dy
+        verdicts = [check(peft, fused, x, dy) for fused in twins]
+        steps = [lambda model=model: fwd_bwd(model, x, dy) for model in (peft, *twins)]
+        (peft_t, peft_m), *fused = measure(steps, device, reps)
+        rows += [(name, backend, lora_flops(n, shapes, r), peft_t, peft_m, *timing, verdict)
+                 for backend, timing, verdict in zip(backends, fused, verdicts)]
+        del peft, twins, x, dy
     return rows
 
 
-def ce_case(s: dict, device: str, backend: str, reps: int) -> tuple:
+def ce_case(s: dict, device: str, backends: list[str], reps: int) -> list[tuple]:
     n, d, v, dt = s["tokens"], s["hidden"], s["vocab"], s["dtype"]
     torch.manual_seed(0)
     hidden = torch.randn(n, d, device=device, dtype=dt, requires_grad=True)
@@ -181,39 +188,48 @@ def ce_case(s: dict, device: str, backend: str, reps: int) -> tuple:
     def unfused():
         return F.cross_entropy((hidden @ weight.t()).float(), labels, ignore_index=-100)
 
-    def fused():
+    def fused(backend: str):
         return linear_cross_entropy(hidden, weight, labels, backend=backend)
 
-    got, want = fused(), unfused()
-    grad_got, grad_want = torch.autograd.grad(got, hidden)[0], torch.autograd.grad(want, hidden)[0]
-    err = max(abs(got.item() - want.item()) / abs(want.item()), rel_err(grad_got, grad_want))
-    verdict = ("ok" if err <= (1e-5 if dt == torch.float32 else 1e-2) else "FAIL") + f" (max rel err vs unfused {err:.1e})"
-    (unfused_t, unfused_m), (fused_t, fused_m) = measure([lambda: unfused().backward(), lambda: fused().backward()],
-                                                         device, reps)
-    return (f"linear CE {n}x{d} vocab {v}", 4 * n * d * v, unfused_t, unfused_m, fused_t, fused_m, verdict)
+    want = unfused()
+    grad_want = torch.autograd.grad(want, hidden)[0]
+    verdicts = []
+    for backend in backends:
+        got = fused(backend)
+        err = max(abs(got.item() - want.item()) / abs(want.item()), rel_err(torch.autograd.grad(got, hidden)[0], grad_want))
+        ok = err <= (1e-5 if dt == torch.float32 else 1e-2)
+        verdicts.append(("ok" if ok else "FAIL") + f" (max rel err vs unfused {err:.1e})")
+    steps = [lambda: unfused().backward()] + [lambda backend=backend: fused(backend).backward() for backend in backends]
+    (unfused_t, unfused_m), *timings = measure(steps, device, reps)
+    return [(f"linear CE {n}x{d} vocab {v}", backend, 4 * n * d * v, unfused_t, unfused_m, *timing, verdict)
+            for backend, timing, verdict in zip(backends, timings, verdicts)]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="the small CPU version (PyTorch path vs PEFT)")
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU shapes: checks that the script runs")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per case (median reported)")
     args = parser.parse_args(argv)
-    on_gpu = torch.cuda.is_available() and not args.cpu
-    device, backend, shapes = ("cuda", "triton", GPU) if on_gpu else ("cpu", "torch", CPU)
+    on_gpu = torch.cuda.is_available() and not (args.cpu or args.smoke)
+    # On a GPU the PyTorch path (cuBLAS matmuls, the LoRA add in the GEMM's epilogue) is timed beside Triton.
+    device, backends, shapes = ("cuda", ["triton", "torch"], GPU) if on_gpu else ("cpu", ["torch"], CPU)
+    if args.smoke:
+        shapes, backends = SMOKE, (["triton", "torch"] if interpreter_on() else ["torch"])
     reps = args.reps or (20 if on_gpu else 5)
     where = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
-    print(f"tunelab kernels benchmark: {where}; torch {torch.__version__}; backend {backend}; "
+    print(f"tunelab kernels benchmark: {where}; torch {torch.__version__}; "
           f"{shapes['tokens']} tokens, rank {shapes['rank']}, {str(shapes['dtype']).replace('torch.', '')}; "
-          f"median of {reps}")
-    rows = lora_cases(shapes, device, backend, reps) + [ce_case(shapes, device, backend, reps)]
+          f"median of {reps}, PEFT and fused timed in turn")
+    rows = lora_cases(shapes, device, backends, reps) + ce_case(shapes, device, backends, reps)
     memory = "peak MiB" if on_gpu else "saved MiB"
-    print(f"\n| case | PEFT / unfused ms | fused ms | speed-up | PEFT TFLOP/s | fused TFLOP/s | "
+    print(f"\n| case | backend | PEFT / unfused ms | fused ms | speed-up | PEFT TFLOP/s | fused TFLOP/s | "
           f"PEFT {memory} | fused {memory} | memory ratio | check |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     failed = False
-    for name, flops, base_t, base_m, fused_t, fused_m, verdict in rows:
+    for name, backend, flops, base_t, base_m, fused_t, fused_m, verdict in rows:
         failed |= verdict.startswith("FAIL")
-        print(f"| {name} | {base_t * 1e3:.1f} | {fused_t * 1e3:.1f} | {base_t / fused_t:.2f}x | "
+        print(f"| {name} | {backend} | {base_t * 1e3:.1f} | {fused_t * 1e3:.1f} | {base_t / fused_t:.2f}x | "
               f"{flops / base_t / 1e12:.2f} | {flops / fused_t / 1e12:.2f} | {base_m:.0f} | {fused_m:.0f} | "
               f"{base_m / max(fused_m, 1e-9):.2f}x | {verdict} |")
     return 1 if failed else 0
