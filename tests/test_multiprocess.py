@@ -193,3 +193,37 @@ def test_missing_deepspeed_is_named_with_the_install_command(tmp_path, capsys, m
     config = write_config(tmp_path, yaml.safe_dump({**TINY, "recipe": {"name": "lora"}, "distributed": {"strategy": "deepspeed"}}))
     code, _, err = run_cli(capsys, "validate", str(config))
     assert code == 2 and 'DeepSpeed is not installed; pip install "tunelab[deepspeed]"' in err, err
+
+
+@pytest.mark.slow  # two 2-process launches (about 50 s); make test-slow
+def test_a_signal_stops_every_process_after_the_same_step_with_a_checkpoint(tmp_path):
+    """SIGTERM to the launcher (what a job scheduler sends): the processes agree on the step to stop
+    after, save one checkpoint together, say once how to resume, and the resumed run finishes."""
+    import signal
+    import time
+
+    config = write_config(tmp_path, run_yaml(max_steps=400, save_steps=1000))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "tunelab", "train", str(config), "--output", str(tmp_path / "run"),
+               "--nproc", "2", "training.micro_batch_size=4"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               cwd=tmp_path, start_new_session=True)
+    log = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert err.count("tunelab: stopped by SIGTERM after step") == 1
+    step = int(err.split("tunelab: stopped by SIGTERM after step ")[1].split(";")[0])
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == [f"checkpoint-{step}"]
+    assert "--resume --nproc 2" in err
+    assert len(log.read_text().splitlines()) == step
+
+    resumed = subprocess.run([*command, "--resume", "--max-steps", str(step + 2), "--allow-config-change"],
+                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(1, step + 3))

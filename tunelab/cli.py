@@ -42,7 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"tunelab: error: {line}", file=sys.stderr)
         return EXIT_USER_ERROR
     except RunInterrupted as exc:
-        print(str(exc), file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(str(exc), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("tunelab: interrupted.", file=sys.stderr)
@@ -88,6 +89,7 @@ def _launch(nproc: int, argv: Sequence[str], debug: bool = False) -> int:
     import logging
     import uuid
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -110,6 +112,9 @@ def _launch(nproc: int, argv: Sequence[str], debug: bool = False) -> int:
     except ChildFailedError as failed:
         code = failed.get_first_failure()[1].exitcode
         return 128 - code if code < 0 else code  # killed by a signal: the shell's convention
+    except SignalException as stopped:
+        # The launcher passed the signal on; the processes saved a checkpoint and said how to resume.
+        return 128 + stopped.sigval
     return 0
 
 

@@ -163,7 +163,7 @@ def train(
         raise RunInterrupted(
             f"tunelab: stopped by {name} after step {trainer.state.global_step}; checkpoint saved in "
             f"{_last_checkpoint(run_dir)}.\ntunelab: resume with: tunelab train {run_dir / 'config.yaml'} "
-            f"--output {run_dir} --resume",
+            f"--output {run_dir} --resume" + (f" --nproc {procs.world_size}" if procs.world_size > 1 else ""),
             exit_code=128 + stopper.signal_number,
         )
 

@@ -24,6 +24,15 @@ class GracefulStop(TrainerCallback):
         self.signal_number: int | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
+        if args.world_size > 1:
+            # Every process must stop after the same step (the checkpoint is a collective save), and
+            # a signal may reach the processes at different steps or only some of them.
+            import torch
+            import torch.distributed as dist
+
+            received = torch.tensor([self.signal_number or 0], device=args.device)
+            dist.all_reduce(received, op=dist.ReduceOp.MAX)
+            self.signal_number = int(received.item()) or None
         if self.signal_number is not None:
             control.should_save = True
             control.should_training_stop = True
