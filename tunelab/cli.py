@@ -227,6 +227,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from tunelab.config import load_config
+    from tunelab.plan.report import format_report, plan_config, to_json
+
+    result = plan_config(load_config(args.config, args.overrides), args.nproc, args.gpu)
+    print(to_json(result) if args.json else format_report(result), end="\n" if args.json else "")
+    return 0
+
+
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from tunelab.models.tiny import build_tiny_model
 
@@ -329,6 +338,14 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("pipeline", help="pipeline YAML (see configs/tiny/pipeline.yaml)")
     run.add_argument("overrides", nargs="*", metavar="key.sub=value", help="OmegaConf dotlist overrides of the pipeline file")
     run.set_defaults(handler=_cmd_run)
+
+    plan = verbs.add_parser("plan", parents=[common], help="estimate per-device memory of a run, offline, and whether it fits a GPU")
+    plan.add_argument("config")
+    plan.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    plan.add_argument("--gpu", help="GPU to check against: a size (24GB) or a name (A100-80GB, H100-80GB, L4, RTX4090, ...)")
+    plan.add_argument("--nproc", type=_positive_int, default=1, help="devices the run is spread over (default 1)")
+    plan.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    plan.set_defaults(handler=_cmd_plan)
 
     tiny = verbs.add_parser("tiny-model", parents=[common], help="write a tiny Llama model + tokenizer folder")
     tiny.add_argument("out_dir")

@@ -1,0 +1,1 @@
+"""``tunelab plan``: estimate a training run's per-device memory from shapes, before any weight loads."""
