@@ -1,0 +1,449 @@
+"""tunelab vs TRL SFTTrainer + PEFT: the same model, data, hyperparameters and optimizer steps, side by side.
+
+    python bench/vs_trl.py                      # LoRA, 30 steps, 3 repetitions (the measurement)
+    python bench/vs_trl.py --variant qlora      # or full
+    python bench/vs_trl.py --quick              # a small model, 3 steps, 1 repetition (smoke test)
+
+Systems, each run in a fresh subprocess (so peak RSS is that system's own), in the order
+trl, trl_packed, tunelab, repeated --reps times (A B C A B C ...); the median of the repetitions is reported:
+
+- trl:        SFTTrainer(model=<folder>, args=SFTConfig(...), peft_config=LoraConfig(...)) with TRL's defaults
+              (bf16 autocast, gradient checkpointing, adamw_torch_fused, linear schedule, logging every 10 steps);
+              only what the workload fixes is set: steps, micro-batch, learning rate, seed, max_length, report_to,
+              and use_cpu=True (without it TRL's bf16 default refuses to start on a machine without a GPU).
+- trl_packed: the same with packing=True (TRL's default strategy "bfd", which turns on padding-free batches).
+- tunelab:    tunelab.train.run.train with its settings for this CPU (see TUNELAB_SETTINGS below).
+
+The data is a prompt/completion set in conversational form (ChatML via the tokenizer's template); both
+systems tokenize it themselves, and each child reports a hash of the tokenized examples it trained on, so the
+output shows whether the systems saw exactly the same tokens and labels.
+
+Tokens/s counts only tokens that carry loss, measured the same way for every system: the benchmark wraps
+the Trainer's training_step and counts labels != -100 (shifted: labels[..., 1:]) in every batch the
+optimizer steps actually consumed, and times from train begin to the end of the last optimizer step.
+Output: JSON lines on stdout (env, one per system, ratios); progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+# Python puts this folder first on sys.path, where bench/kernels.py would shadow the PyPI `kernels` package
+# that transformers imports. Take it off, and append it back (after site-packages) for _workload.
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]
+sys.path.append(str(HERE))
+
+import _workload as wl  # noqa: E402
+
+SYSTEMS = ("trl", "trl_packed", "tunelab")
+RESULT_TAG = "VS_TRL_RESULT "
+LAST_STEPS = 5  # final loss = mean of the last few optimizer steps' losses
+
+# tunelab's choices for a CPU without bf16 matrix instructions, each measured or argued in the README / RESULTS:
+TUNELAB_SETTINGS = {
+    "data.packing": True,  # whole examples per row, per-example position ids: no padding, no cross-attention
+    "training.kernels": "auto",  # CPU: the PyTorch recompute-instead-of-store LoRA path + chunked linear CE
+    "training.gradient_checkpointing": False,  # the fused kernels already save little; recomputing costs time
+    "model.dtype": "float32",  # no avx512_bf16/AMX here: bf16 matmuls run far slower than fp32 (see env line)
+    "training.optimizer": "adamw_torch_fused",  # the same optimizer TRL's defaults pick
+}
+
+
+# ====================================================================== child side
+BENCH: dict = {"loss_tokens": [], "real_tokens": [], "losses": [], "step_ends": [], "t0": None, "trainer": None}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _measured(trainer_cls):
+    """The same instrumentation for every system: count what each optimizer step consumed, time the steps."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            BENCH["rss_at_train_begin_mb"] = _rss_mb()
+            BENCH["t0"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            BENCH["step_ends"].append(time.perf_counter())
+
+    class Measured(trainer_cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.add_callback(Clock())
+            BENCH["trainer"] = self
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            labels = inputs["labels"]
+            BENCH["loss_tokens"].append(int((labels[..., 1:] != -100).sum()))
+            if "attention_mask" in inputs:  # padded batches
+                real = int(inputs["attention_mask"].sum())
+            elif "packed_real_tokens" in inputs:  # tunelab's packed rows
+                real = int(inputs["packed_real_tokens"].sum())
+            else:  # TRL padding-free: one flattened row without padding
+                real = int(inputs["input_ids"].numel())
+            BENCH["real_tokens"].append(real)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            BENCH["losses"].append(float(loss))
+            return loss
+
+    return Measured
+
+
+def _trained_pairs(dataset):
+    """(input_ids, labels) of every example in the prepared training set of either system."""
+    if isinstance(dataset, list):  # tunelab: Encoded, or packed rows of Encoded
+        for item in dataset:
+            for example in item if isinstance(item, list) else [item]:
+                yield example.input_ids, example.labels
+        return
+    for row in dataset:  # TRL: a datasets.Dataset; packed rows carry seq_lengths
+        lengths = row.get("seq_lengths") or [len(row["input_ids"])]
+        start = 0
+        for n in lengths:
+            yield row["input_ids"][start : start + n], row["labels"][start : start + n]
+            start += n
+
+
+def run_trl(w: wl.Workload, variant: str, packed: bool, workdir: Path, out_dir: Path) -> dict:
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    dataset = load_dataset("json", data_files=str(workdir / "data_trl.jsonl"), split="train")
+    args = SFTConfig(
+        output_dir=str(out_dir), max_steps=w.steps, per_device_train_batch_size=w.micro_batch,
+        learning_rate=w.lr, seed=w.seed, max_length=w.max_length, packing=packed, report_to="none",
+        # Without a GPU, TRL's default bf16=True stops with "Your setup doesn't support bf16/gpu. You need to
+        # assign use_cpu if you want to train the model on CPU"; use_cpu=True is that message's fix, and it
+        # keeps TRL's bf16 (CPU autocast) default.
+        use_cpu=True,
+    )
+    peft_config = None if variant == "full" else LoraConfig(
+        r=w.rank, lora_alpha=w.alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16) if variant == "qlora" else None
+    trainer = _measured(SFTTrainer)(model=str(workdir / "model"), args=args, train_dataset=dataset,
+                                    peft_config=peft_config, quantization_config=quantization)
+    trainer.train()
+    settings = {
+        "bf16": args.bf16, "autocast": trainer.accelerator.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing,
+        "packing": args.packing, "packing_strategy": args.packing_strategy if packed else None,
+        "padding_free": trainer.padding_free, "completion_only_loss": trainer.completion_only_loss,
+        "optim": str(args.optim.value if hasattr(args.optim, "value") else args.optim),
+        "lr_scheduler": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+        "logging_steps": args.logging_steps, "lora_dropout": 0.0 if peft_config else None,
+        "model_dtype": str(next(trainer.model.parameters()).dtype).removeprefix("torch."),
+        "bnb_4bit_compute_dtype": "bfloat16" if quantization else None,
+    }
+    return {"settings": settings, "data_digest": wl.digest(_trained_pairs(trainer.train_dataset))}
+
+
+def run_tunelab(w: wl.Workload, variant: str, workdir: Path, out_dir: Path) -> dict:
+    import tunelab.train.run as tunelab_run
+    from tunelab.config.load import parse_config
+
+    recipe = {"name": "full"} if variant == "full" else {
+        "name": variant, "r": w.rank, "alpha": w.alpha, "dropout": 0.0, "target_modules": "all-linear"}
+    if variant == "qlora":
+        recipe |= {"quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
+    raw = {
+        "model": {"name_or_path": str(workdir / "model"), "dtype": TUNELAB_SETTINGS["model.dtype"]},
+        "recipe": recipe,
+        "data": {"datasets": [{"path": str(workdir / "data.jsonl"), "format": "prompt_completion"}],
+                 "max_length": w.max_length, "packing": TUNELAB_SETTINGS["data.packing"]},
+        "training": {"seed": w.seed, "max_steps": w.steps, "micro_batch_size": w.micro_batch,
+                     "gradient_accumulation_steps": 1, "learning_rate": w.lr,
+                     "lr_scheduler": "linear", "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
+                     "optimizer": TUNELAB_SETTINGS["training.optimizer"], "logging_steps": 10,
+                     "gradient_checkpointing": TUNELAB_SETTINGS["training.gradient_checkpointing"],
+                     "kernels": TUNELAB_SETTINGS["training.kernels"]},
+        "eval": {"before_training": False, "exact_match": False},
+        "output_dir": str(out_dir),
+    }
+    config = parse_config(raw, source="bench/vs_trl.py")
+    tunelab_run.RecipeTrainer = _measured(tunelab_run.RecipeTrainer)  # this child process only
+    tunelab_run.train(config, output_dir=out_dir, overwrite=True)
+    settings = dict(TUNELAB_SETTINGS, **{"lr_scheduler": "linear", "logging_steps": 10, "lora_dropout": 0.0})
+    if variant == "qlora":
+        settings["bnb_4bit_compute_dtype"] = "float32"
+    return {"settings": settings, "data_digest": wl.digest(_trained_pairs(BENCH["trainer"].train_dataset))}
+
+
+def child(system: str, variant: str, workdir: Path) -> int:
+    started = time.perf_counter()
+    w = wl.workload_from_json((workdir / "workload.json").read_text())
+    out_dir = Path(tempfile.mkdtemp(prefix=f"{system}-", dir=workdir))
+    try:
+        if system == "tunelab":
+            extra = run_tunelab(w, variant, workdir, out_dir)
+        else:
+            extra = run_trl(w, variant, system == "trl_packed", workdir, out_dir)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    import torch
+
+    ends, t0 = BENCH["step_ends"], BENCH["t0"]
+    train_s = ends[-1] - t0
+    loss_tokens, losses = BENCH["loss_tokens"], BENCH["losses"]
+    result = {
+        "system": system, "variant": variant, "steps": len(ends),
+        "loss_tokens": sum(loss_tokens), "real_tokens": sum(BENCH["real_tokens"]),
+        "train_s": round(train_s, 3),
+        "tokens_per_s": sum(loss_tokens) / train_s,
+        "tokens_per_s_after_first_step": sum(loss_tokens[1:]) / (ends[-1] - ends[0]) if len(ends) > 1 else None,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rss_at_train_begin_mb": round(BENCH.get("rss_at_train_begin_mb", float("nan")), 1),
+        "final_loss": statistics.fmean(losses[-LAST_STEPS:]),
+        "losses": [round(x, 5) for x in losses],
+        "loss_tokens_per_step": loss_tokens,
+        "trainable_parameters": sum(p.numel() for p in BENCH["trainer"].model.parameters() if p.requires_grad),
+        "torch_threads": torch.get_num_threads(),
+        "child_s": round(time.perf_counter() - started, 2),
+        **extra,
+    }
+    print(RESULT_TAG + json.dumps(result), flush=True)
+    return 0
+
+
+# ====================================================================== parent side
+def log(message: str) -> None:
+    print(f"vs_trl: {message}", file=sys.stderr, flush=True)
+
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    versions = {}
+    for name in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "tunelab"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = None
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu, "cores": os.cpu_count(),
+        "bf16_matrix_flags": sorted(f for f in flags if f in ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f")),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "python": platform.python_version(),
+        "versions": versions, "git_commit": commit,
+    }
+
+
+def matmul_peak(size: int, seconds: float = 2.0) -> dict:
+    """Best-of GFLOP/s of a square fp32 matmul (the MFU denominator), and the same for bf16 for reference."""
+    import torch
+
+    peaks = {}
+    for name, dtype, budget in (("fp32", torch.float32, seconds), ("bf16", torch.bfloat16, seconds / 2)):
+        n = size if dtype == torch.float32 else size // 2
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        best, spent = float("inf"), 0.0
+        while spent < budget:
+            start = time.perf_counter()
+            a @ b
+            took = time.perf_counter() - start
+            best, spent = min(best, took), spent + took
+        peaks[f"{name}_gflops"] = round(2 * n**3 / best / 1e9, 2)
+        peaks[f"{name}_size"] = n
+    return peaks
+
+
+def prepare(w: wl.Workload, workdir: Path) -> dict:
+    """Build the model and the data once; return what the output reports about them."""
+    import tunelab  # noqa: F401  (before transformers)
+    from transformers import AutoTokenizer
+
+    from tunelab.data.encode import IGNORE_INDEX, encode_example
+    from tunelab.data.formats import to_example
+
+    model_info = wl.build_model(w, workdir / "model")
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+
+    def encode(row):
+        return encode_example(to_example(row, "prompt_completion", "bench", {}, None), tokenizer, train_on_inputs=False)
+
+    rows = wl.make_rows(w, lambda prompt, completion: len(encode({"prompt": prompt, "completion": completion}).input_ids))
+    encoded = [encode(row) for row in rows]
+    with open(workdir / "data.jsonl", "w") as f:  # tunelab's prompt_completion format
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    with open(workdir / "data_trl.jsonl", "w") as f:  # TRL's conversational prompt-completion format
+        f.writelines(json.dumps({"prompt": [{"role": "user", "content": r["prompt"]}],
+                                 "completion": [{"role": "assistant", "content": r["completion"]}]}) + "\n" for r in rows)
+    (workdir / "workload.json").write_text(wl.workload_to_json(w))
+    lengths = sorted(len(e.input_ids) for e in encoded)
+    pct = lambda q: lengths[min(len(lengths) - 1, int(q * len(lengths)))]  # noqa: E731
+    return {
+        "model": {"architecture": "Llama", "hidden": w.hidden, "layers": w.layers, "heads": w.heads, "kv_heads": w.kv_heads,
+                  "intermediate": w.intermediate, "vocab": w.vocab, "parameters": model_info["parameters"],
+                  "matmul_parameters": wl.matmul_params(w),
+                  "tokenizer": f"tunelab byte-level BPE, {model_info['tokenizer_tokens']} tokens; model vocab {w.vocab} "
+                               "(ids above the tokenizer's never occur; the LM head still computes all 32000 logits)"},
+        "data": {"examples": len(rows), "format": "prompt/completion, ChatML, loss on the completion and its end-of-turn",
+                 "tokens_median": pct(0.5), "tokens_p90": pct(0.9), "tokens_p99": pct(0.99), "tokens_max": lengths[-1],
+                 "tokens_mean": round(statistics.fmean(lengths), 1), "max_length": w.max_length,
+                 "loss_token_share": round(sum(sum(l != IGNORE_INDEX for l in e.labels) for e in encoded) / sum(lengths), 3),
+                 "digest": wl.digest((e.input_ids, e.labels) for e in encoded)},
+    }
+
+
+def run_child(system: str, variant: str, workdir: Path, timeout: float) -> dict:
+    env = dict(os.environ, TUNELAB_CACHE=str(workdir / "cache"), HF_DATASETS_CACHE=str(workdir / "hf-datasets"),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               WANDB_DISABLED="true", PYTHONWARNINGS="ignore")
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", system, "--variant", variant, "--workdir", str(workdir)]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"system": system, "error": f"timed out after {timeout:.0f} s"}
+    wall = time.perf_counter() - start
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+        return {"system": system, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
+    result = json.loads(lines[-1][len(RESULT_TAG):])
+    result["wall_s"] = round(wall, 2)
+    kernels = [line for line in proc.stdout.splitlines() if line.startswith("tunelab: kernels")]
+    if kernels:
+        result["settings"]["kernels_report"] = kernels[0].removeprefix("tunelab: ")
+    return result
+
+
+def summarize(system: str, runs: list[dict], w: wl.Workload, variant: str, peak: dict) -> dict:
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return {"kind": "system", "system": system, "ok": False, "errors": [r["error"] for r in runs]}
+    med = lambda key: statistics.median(r[key] for r in ok)  # noqa: E731
+    first = ok[0]
+    flops = wl.model_flops(w, variant, first["real_tokens"], first["loss_tokens"])
+    train_s = med("train_s")
+    return {
+        "kind": "system", "system": system, "variant": variant, "ok": True, "reps": len(ok),
+        "tokens_per_s": round(med("tokens_per_s"), 1),
+        "tokens_per_s_after_first_step": round(med("tokens_per_s_after_first_step"), 1) if first["steps"] > 1 else None,
+        "peak_rss_mb": round(med("peak_rss_mb"), 1), "rss_at_train_begin_mb": round(med("rss_at_train_begin_mb"), 1),
+        "final_loss": round(med("final_loss"), 4), "final_loss_is": f"mean of the last {min(LAST_STEPS, first['steps'])} steps",
+        "first_loss": round(statistics.median(r["losses"][0] for r in ok), 4),
+        "train_s": round(train_s, 2), "wall_s": round(med("wall_s"), 2), "steps": first["steps"],
+        "loss_tokens": first["loss_tokens"], "real_tokens": first["real_tokens"],
+        "mfu_fp32": round(flops / train_s / (peak["fp32_gflops"] * 1e9), 4),
+        "model_gflops": round(flops / 1e9, 2), "achieved_gflops": round(flops / train_s / 1e9, 2),
+        "trainable_parameters": first["trainable_parameters"], "torch_threads": first["torch_threads"],
+        "data_digest": first["data_digest"], "settings": first["settings"],
+        "per_rep": [{k: r[k] for k in ("tokens_per_s", "peak_rss_mb", "final_loss", "train_s", "wall_s")} for r in ok],
+        "losses_rep1": first["losses"],
+        "errors": [r["error"] for r in runs if "error" in r] or None,
+    }
+
+
+def ratios(by_system: dict[str, dict]) -> dict:
+    out: dict = {"kind": "ratios"}
+    ours = by_system.get("tunelab")
+    for base in ("trl", "trl_packed"):
+        ref = by_system.get(base)
+        if not (ours and ours.get("ok") and ref and ref.get("ok")):
+            out[f"vs_{base}"] = None
+            continue
+        out[f"vs_{base}"] = {
+            "tokens_per_s": round(ours["tokens_per_s"] / ref["tokens_per_s"], 3),
+            "peak_rss": round(ours["peak_rss_mb"] / ref["peak_rss_mb"], 3),
+            "final_loss_rel_diff": round(ours["final_loss"] / ref["final_loss"] - 1, 4),
+            "loss_tokens_seen": round(ours["loss_tokens"] / ref["loss_tokens"], 3),
+            "same_examples": ours["data_digest"] == ref["data_digest"],
+        }
+    out["targets"] = {"tokens_per_s_vs_trl": ">= 4", "tokens_per_s_vs_trl_packed": ">= 3", "peak_rss_vs_trl": "<= 0.6",
+                      "final_loss": "within 2% for the same tokens (compare with trl_packed: same step count, "
+                                    "about the same loss tokens per step)"}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", choices=("lora", "qlora", "full"), default="lora")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 30; 3 with --quick)")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions per system (default 3; 1 with --quick)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    parser.add_argument("--quick", action="store_true", help="small model (hidden 64), 3 steps, 1 repetition: a smoke test")
+    parser.add_argument("--examples", type=int, default=None, help="dataset size (default: enough for the steps)")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per child run")
+    parser.add_argument("--keep", metavar="DIR", help="build the model and data in DIR and keep them")
+    parser.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(args.child, args.variant, Path(args.workdir))
+
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        parser.error(f"unknown system(s) {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
+    w = wl.Workload(**(wl.QUICK if args.quick else {}))
+    w = replace(w, steps=args.steps or w.steps, examples=args.examples if args.examples is not None else w.examples)
+    reps = args.reps or (1 if args.quick else 3)
+
+    workdir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="vs_trl-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        env = environment()
+        log(f"building the model and {w.n_examples()} examples in {workdir}")
+        info = prepare(w, workdir)
+        log("measuring the matmul peak")
+        peak = matmul_peak(512 if args.quick else 2048, seconds=0.5 if args.quick else 3.0)
+        print(json.dumps({"kind": "env", **env, "variant": args.variant, "steps": w.steps, "reps": reps,
+                          "order": "alternating: " + " ".join(systems) + " per repetition", "micro_batch": w.micro_batch,
+                          "lora": {"r": w.rank, "alpha": w.alpha, "dropout": 0.0, "target_modules": "all-linear"},
+                          "learning_rate": w.lr, "seed": w.seed, "matmul_peak": peak, "flops_formula": wl.FLOPS_FORMULA,
+                          "tokens_per_s_is": "tokens that carry loss (labels[..., 1:] != -100 in the consumed batches) "
+                                             "per second from train begin to the end of the last optimizer step",
+                          **info}), flush=True)
+        runs: dict[str, list[dict]] = {s: [] for s in systems}
+        for rep in range(reps):
+            for system in systems:
+                log(f"rep {rep + 1}/{reps}: {system} ({args.variant}, {w.steps} steps)")
+                result = run_child(system, args.variant, workdir, args.timeout)
+                runs[system].append(result)
+                log(f"  {system}: " + (result["error"] if "error" in result else
+                                       f"{result['tokens_per_s']:.1f} loss tokens/s, peak RSS {result['peak_rss_mb']:.0f} MB, "
+                                       f"final loss {result['final_loss']:.4f}, {result['wall_s']:.1f} s"))
+        summaries = {s: summarize(s, runs[s], w, args.variant, peak) for s in systems}
+        for s in systems:
+            summaries[s]["same_examples_as_prepared"] = summaries[s].get("data_digest") == info["data"]["digest"]
+            print(json.dumps(summaries[s]), flush=True)
+        print(json.dumps(ratios(summaries)), flush=True)
+        return 0 if all(s.get("ok") for s in summaries.values()) else 1
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
