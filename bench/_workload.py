@@ -41,7 +41,7 @@ class Workload:
         return max(64, math.ceil(1.5 * self.steps * self.micro_batch * self.max_length / mean))
 
 
-QUICK = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, tokenizer_vocab=512, max_length=128,
+QUICK = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=1024, tokenizer_vocab=512, max_length=128,
              median_tokens=40, steps=3, examples=48)
 
 
