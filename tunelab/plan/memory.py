@@ -142,11 +142,11 @@ def trainable_tensors(arch: Architecture, s: Setup) -> list[tuple[int, int]]:
         hit = {l.name for l in targeted(arch, o.target_modules)}
         return [(l.out_features, 1) for l in arch.linears() + [arch.head()] if l.bias or (l.name in hit and o.add_missing_biases)]
     if r == "prefix":
-        width = arch.num_layers * 2 * h  # PEFT's token_dim is hidden_size
+        width = arch.num_layers * 2 * arch.kv_size  # one key and one value per layer, at the KV heads width
         if not o.projection:
             return [(o.num_virtual_tokens, width)]
-        enc = o.encoder_hidden_size
-        return [(o.num_virtual_tokens, h), (enc, h), (enc, 1), (width, enc), (width, 1)]
+        enc, token = o.encoder_hidden_size, arch.kv_size
+        return [(o.num_virtual_tokens, token), (enc, token), (enc, 1), (width, enc), (width, 1)]
     if r == "ptuning":
         hid = o.encoder_hidden_size or h
         shapes = [(o.num_virtual_tokens, h)]
@@ -232,12 +232,14 @@ def layer_activation_bytes(arch: Architecture, s: Setup, *, first: bool = False)
         if s.fused_lora:  # the kernels keep x once per group, in the compute dtype
             total += 0 if shared and c == e else width * c
             continue
-        # PEFT casts the input to the fp32 adapter for each layer (one shared tensor when it is fp32 already).
+        # PEFT casts the input to the fp32 adapter for each layer (one shared tensor when it is fp32 already);
+        # dropout adds a dropped-out fp32 copy and its mask per layer (measured on CPU, where the mask of a
+        # cast copy is a float tensor; a GPU keeps a 1-byte mask instead).
         total += (0 if shared else width * 4) if e == 4 else n * width * 4
+        if s.options.dropout > 0:
+            total += n * width * (5 if e == 4 else 4)
         rank = s.options.init_r if s.recipe == "adalora" else s.options.r
         total += n * rank * 4                              # A·x, kept for B's gradient
-        if s.options.dropout > 0:
-            total += n * width * 5                         # dropout output (fp32) and its mask
         outs = {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": h, "gate_proj": i, "up_proj": i, "down_proj": h}
         out = sum(outs[m] for m in hit.intersection(members))
         if s.recipe == "dora" or (s.recipe == "gatera" and s.options.use_dora):
@@ -268,6 +270,8 @@ def activation_bytes(arch: Architecture, s: Setup) -> dict[str, tuple[float, str
 
         rows = min(tokens, chunk_rows(v))
         logits = h * e * tokens                                   # the head's input gradient, made in the forward
+        if head_trains:
+            logits += v * h * s.weight_bytes                      # and the head's weight gradient
         loss = 8 * rows * v                                       # one chunk of fp32 logits and their gradient
         logits_how = f"fused linear cross-entropy: no logits kept, chunks of {rows} rows × {v:,}"
     else:
