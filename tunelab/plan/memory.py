@@ -390,6 +390,8 @@ def _assumptions(config: Config, s: Setup) -> list[str]:
     if not s.eager:
         notes.append("attention through SDPA/flash kernels (no s² score matrix)")
     notes.append("linear cross-entropy " + ("fused (training.kernels on)" if s.fused_loss else "not fused: full logits"))
+    if config.recipe.name == "distill":
+        notes.append(f"distillation: the student ({s.recipe}) only; online mode holds the teachers as well (not counted)")
     return notes
 
 
