@@ -211,6 +211,10 @@ def test_published_figures():
     limit = usable(gpu_bytes("A100-80GB"))
     assert _plan("configs/distributed/full-8b-zero3.yaml", devices=1).total > limit
     assert _plan("configs/distributed/full-8b-zero3.yaml", devices=8).total < limit
+    # FSDP + QLoRA (Answer.AI, 2024): a 70B model trains on two 24 GB GPUs with checkpointing and CPU offload.
+    fsdp_70b = ("configs/distributed/qlora-70b-fsdp.yaml", "training.micro_batch_size=1")
+    assert _plan(*fsdp_70b, "distributed.fsdp.cpu_offload=true", devices=2).total < usable(gpu_bytes("RTX4090"))
+    assert _plan(*fsdp_70b, devices=2).total > usable(gpu_bytes("RTX4090"))
     # Checkpointing and the fused cross-entropy each lower the estimate.
     lora = _plan("configs/lora-8b.yaml")
     assert _plan("configs/lora-8b.yaml", "training.gradient_checkpointing=false").total > lora.total

@@ -137,7 +137,8 @@ def trainable_tensors(arch: Architecture, s: Setup) -> list[tuple[int, int]]:
         shapes = [(l.out_features, l.in_features) for l in arch.linears()]
         shapes += [(l.out_features, 1) for l in arch.linears() if l.bias]
         shapes += [(arch.vocab_size, h)] * (1 if arch.tied_embeddings else 2)
-        return shapes + [(h, 1)] * (arch.norm_params() // h)
+        shapes += [(h, 1)] * (2 * arch.num_layers + 1)
+        return shapes + [(arch.dim, 1)] * (2 * arch.num_layers if arch.qk_norm else 0)
     if r == "bitfit":
         hit = {l.name for l in targeted(arch, o.target_modules)}
         return [(l.out_features, 1) for l in arch.linears() + [arch.head()] if l.bias or (l.name in hit and o.add_missing_biases)]
@@ -300,7 +301,7 @@ def estimate(config: Config, arch: Architecture, devices: int = 1) -> Plan:
     plan = Plan(config.model.name_or_path, s.recipe, devices, _strategy_name(config, devices),
                 s.batch * s.seq, total_params, trained)
     n = devices
-    fsdp = dist.strategy == "fsdp" and n >= 1 and (n > 1 or dist.fsdp.cpu_offload)
+    fsdp = dist.strategy == "fsdp" and (n > 1 or dist.fsdp.cpu_offload)
     zero = dist.strategy == "deepspeed"
     stage = dist.deepspeed.zero_stage if zero else 0
     mixed = zero and s.weight_bytes == 2  # DeepSpeed bf16/fp16: fp32 master weights and states
@@ -321,9 +322,9 @@ def estimate(config: Config, arch: Architecture, devices: int = 1) -> Plan:
     unit = weights / arch.num_layers  # one decoder layer: what FSDP / ZeRO-3 gathers at a time
     if shard_weights:
         offloaded = dist.fsdp.cpu_offload if fsdp else dist.deepspeed.offload_params
-        kept = 0 if offloaded else weights / n
+        kept = 2 * unit if offloaded else min(weights, weights / n + 2 * unit)
         plan.host_bytes += weights / n if offloaded else 0
-        plan.rows.append(Row("weights", kept + 2 * unit,
+        plan.rows.append(Row("weights", kept,
                              note + f"; sharded over {n}" + (", offloaded to CPU" if offloaded else "")
                              + "; 2 layers gathered at a time"))
     else:
@@ -347,14 +348,13 @@ def estimate(config: Config, arch: Architecture, devices: int = 1) -> Plan:
     if shard_state:
         grads, opt = grads / n, opt / n
         offload_opt = (fsdp and dist.fsdp.cpu_offload) or (zero and dist.deepspeed.offload_optimizer)
-        if offload_opt:
-            plan.host_bytes += opt + (grads if fsdp else 0)
-            opt = 0.0
-            grads = 0.0 if fsdp else grads
-            opt_note += "; offloaded to CPU"
+        if offload_opt:  # the gradient shards follow the optimizer to the CPU (ZeRO-Offload, FSDP offload)
+            plan.host_bytes += opt + grads
+            opt = grads = 0.0
+            opt_note += "; offloaded to CPU with the gradients"
         opt_note += f"; sharded over {n}"
     plan.rows.append(Row("gradients", grads, f"{param_bytes}-byte gradients of the trained parameters"
-                         + (f"; sharded over {n}" if shard_state else "")))
+                         + (f"; sharded over {n}" if shard_state else "") + ("; offloaded to CPU" if shard_state and not grads else "")))
     plan.rows.append(Row("optimizer", opt, opt_note))
     if n > 1 and dist.strategy == "ddp":
         plan.rows.append(Row("DDP buckets", trained * param_bytes, "DDP's gradient buckets: one more copy of the gradients"))

@@ -68,7 +68,7 @@ def knobs(config: Config, arch: Architecture, devices: int, limit: float) -> lis
         steps.append(("recipe.name=qlora (4-bit base)", {"recipe": "qlora"}))
     if devices > 1 and config.distributed.strategy == "ddp":
         steps.append(("distributed.strategy=fsdp", {"distributed": {"strategy": "fsdp"}}))
-    if config.distributed.strategy == "fsdp" and not config.distributed.fsdp.cpu_offload and config.recipe.name != "qlora":
+    if config.distributed.strategy == "fsdp" and not config.distributed.fsdp.cpu_offload:
         steps.append(("distributed.fsdp.cpu_offload=true", {"distributed": {"fsdp": {"cpu_offload": True}}}))
     if config.distributed.strategy != "fsdp" and config.recipe.name != "qlora":
         steps.append(("distributed.strategy=deepspeed with ZeRO-3, optimizer and parameters offloaded to CPU",
