@@ -27,6 +27,7 @@ Sources of the formulas:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from tunelab.config.schema import Config
@@ -120,8 +121,6 @@ def setup(config: Config, arch: Architecture) -> Setup:
 
 def targeted(arch: Architecture, target_modules: str | list[str]) -> list[Linear]:
     """The linears PEFT's ``target_modules`` selects (same rules: all-linear, name suffixes, or a full-name regex)."""
-    import re
-
     if target_modules == "all-linear":
         return arch.linears()
     if isinstance(target_modules, str):
