@@ -13,6 +13,12 @@ trl, trl_packed, tunelab, repeated --reps times (A B C A B C ...); the median of
               and use_cpu=True (without it TRL's bf16 default refuses to start on a machine without a GPU).
 - trl_packed: the same with packing=True (TRL's default strategy "bfd", which turns on padding-free batches).
 - tunelab:    tunelab.train.run.train with its settings for this CPU (see TUNELAB_SETTINGS below).
+- trl_tuned:  optional (--systems trl,trl_packed,tunelab,trl_tuned): packing=True, bf16=False,
+              gradient_checkpointing=False, i.e. TRL tuned for a CPU without bf16 matrix instructions.
+
+Run time on the project's 2-core CPU (an estimate from 1- and 2-step smoke runs on a shared machine, LoRA):
+about 27 s per optimizer step for trl, 70 s for trl_packed, 8 s for tunelab, so one repetition of 30 steps
+takes about 55 minutes and the default 3 repetitions about 2 h 45 min. --reps 1 or --steps 10 shorten it.
 
 The data is a prompt/completion set in conversational form (ChatML via the tokenizer's template); both
 systems tokenize it themselves, and each child reports a hash of the tokenized examples it trained on, so the
@@ -50,6 +56,9 @@ sys.path.append(str(HERE))
 import _workload as wl  # noqa: E402
 
 SYSTEMS = ("trl", "trl_packed", "tunelab")
+# Not run by default (--systems adds it): TRL packed with bf16 and gradient checkpointing off, i.e. TRL as a user
+# who tuned it for this CPU would run it. It shows how much of the gap is TRL's defaults and how much its code.
+OPTIONAL_SYSTEMS = ("trl_tuned",)
 RESULT_TAG = "VS_TRL_RESULT "
 LAST_STEPS = 5  # final loss = mean of the last few optimizer steps' losses
 
@@ -125,7 +134,7 @@ def _trained_pairs(dataset):
             start += n
 
 
-def run_trl(w: wl.Workload, variant: str, packed: bool, workdir: Path, out_dir: Path) -> dict:
+def run_trl(w: wl.Workload, variant: str, packed: bool, workdir: Path, out_dir: Path, tuned: bool = False) -> dict:
     import torch
     from datasets import load_dataset
     from peft import LoraConfig
@@ -140,6 +149,7 @@ def run_trl(w: wl.Workload, variant: str, packed: bool, workdir: Path, out_dir: 
         # assign use_cpu if you want to train the model on CPU"; use_cpu=True is that message's fix, and it
         # keeps TRL's bf16 (CPU autocast) default.
         use_cpu=True,
+        **({"bf16": False, "gradient_checkpointing": False} if tuned else {}),
     )
     peft_config = None if variant == "full" else LoraConfig(
         r=w.rank, lora_alpha=w.alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -201,7 +211,7 @@ def child(system: str, variant: str, workdir: Path) -> int:
         if system == "tunelab":
             extra = run_tunelab(w, variant, workdir, out_dir)
         else:
-            extra = run_trl(w, variant, system == "trl_packed", workdir, out_dir)
+            extra = run_trl(w, variant, system in ("trl_packed", "trl_tuned"), workdir, out_dir, tuned=system == "trl_tuned")
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     import torch
@@ -219,6 +229,7 @@ def child(system: str, variant: str, workdir: Path) -> int:
         "rss_at_train_begin_mb": round(BENCH.get("rss_at_train_begin_mb", float("nan")), 1),
         "final_loss": statistics.fmean(losses[-LAST_STEPS:]),
         "losses": [round(x, 5) for x in losses],
+        "step_s": [round(b - a, 3) for a, b in zip([t0] + ends[:-1], ends)],
         "loss_tokens_per_step": loss_tokens,
         "trainable_parameters": sum(p.numel() for p in BENCH["trainer"].model.parameters() if p.requires_grad),
         "torch_threads": torch.get_num_threads(),
@@ -368,10 +379,11 @@ def summarize(system: str, runs: list[dict], w: wl.Workload, variant: str, peak:
 def ratios(by_system: dict[str, dict]) -> dict:
     out: dict = {"kind": "ratios"}
     ours = by_system.get("tunelab")
-    for base in ("trl", "trl_packed"):
+    for base in ("trl", "trl_packed", "trl_tuned"):
         ref = by_system.get(base)
         if not (ours and ours.get("ok") and ref and ref.get("ok")):
-            out[f"vs_{base}"] = None
+            if base != "trl_tuned" or ref:
+                out[f"vs_{base}"] = None
             continue
         out[f"vs_{base}"] = {
             "tokens_per_s": round(ours["tokens_per_s"] / ref["tokens_per_s"], 3),
@@ -391,21 +403,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", choices=("lora", "qlora", "full"), default="lora")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 30; 3 with --quick)")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per system (default 3; 1 with --quick)")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {','.join(SYSTEMS + OPTIONAL_SYSTEMS)}")
     parser.add_argument("--quick", action="store_true", help="small model (hidden 64), 3 steps, 1 repetition: a smoke test")
     parser.add_argument("--examples", type=int, default=None, help="dataset size (default: enough for the steps)")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per child run")
+    parser.add_argument("--timeout", type=float, default=3 * 3600, help="seconds allowed per child run")
     parser.add_argument("--keep", metavar="DIR", help="build the model and data in DIR and keep them")
-    parser.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=SYSTEMS + OPTIONAL_SYSTEMS, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child(args.child, args.variant, Path(args.workdir))
 
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = [s for s in systems if s not in SYSTEMS]
+    unknown = [s for s in systems if s not in SYSTEMS + OPTIONAL_SYSTEMS]
     if unknown:
-        parser.error(f"unknown system(s) {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
+        parser.error(f"unknown system(s) {', '.join(unknown)}; choose from {', '.join(SYSTEMS + OPTIONAL_SYSTEMS)}")
     w = wl.Workload(**(wl.QUICK if args.quick else {}))
     w = replace(w, steps=args.steps or w.steps, examples=args.examples if args.examples is not None else w.examples)
     reps = args.reps or (1 if args.quick else 3)
