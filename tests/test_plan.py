@@ -13,6 +13,7 @@ What "measured" means here (the process RSS would mostly be the Python/torch run
 
 from __future__ import annotations
 
+import gc
 import json
 import tempfile
 from pathlib import Path
@@ -108,6 +109,7 @@ def measure(cfg) -> dict[str, int]:
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
+    gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
             loss = forward()
@@ -116,9 +118,18 @@ def measure(cfg) -> dict[str, int]:
     with tempfile.TemporaryDirectory() as folder:
         prof.export_chrome_trace(f"{folder}/trace.json")
         events = [e for e in json.loads(Path(f"{folder}/trace.json").read_text())["traceEvents"] if e.get("name") == "[memory]"]
-    live = peak = 0
+    # Only memory allocated inside the window counts: a free of an older tensor (one the garbage collector
+    # happens to reclaim from an earlier test) must not lower the running sum.
+    live, peak, inside = 0, 0, {}
     for event in sorted(events, key=lambda e: e["ts"]):
-        live += event["args"]["Bytes"]
+        address, size = event["args"]["Addr"], event["args"]["Bytes"]
+        if size > 0:
+            inside[address] = size
+        elif address in inside:
+            size = -inside.pop(address)
+        else:
+            continue
+        live += size
         peak = max(peak, live)
     return {**static, "saved": sum(saved.values()), "peak": sum(static.values()) + peak}
 
