@@ -152,7 +152,7 @@ FLOPS_FORMULA = (
     "activation gradient only, forward+backward+weight-gradient of the adapters; the frozen head runs forward and "
     "backward only where a label is. full: T*6*Nb + L*6*Nh. Not counted: attention scores (below 1% at these lengths), "
     "norms, activations, the optimizer, and recomputation by gradient checkpointing (model FLOPs, not hardware FLOPs). "
-    "MFU = FLOPs / (train seconds * measured fp32 matmul peak)."
+    "MFU = FLOPs / (train seconds * measured fp32 peak of F.linear); mfu_bf16 uses the bf16 peak instead."
 )
 
 
