@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import Field, SerializeAsAny, field_validator, model_validator
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
@@ -74,22 +74,18 @@ class DistillOptions(RecipeOptions):
     @field_validator("student", mode="before")
     @classmethod
     def _student_recipe(cls, value: Any) -> RecipeOptions:
-        from tunelab.config.load import _explain
+        from tunelab.config.load import parse_named_options
         from tunelab.recipes import get_recipe_class
 
-        if isinstance(value, RecipeOptions):
-            value = value.model_dump()
-        if isinstance(value, str):
-            value = {"name": value}
-        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-            raise ValueError('recipe.student must be a recipe name or a mapping with "name", e.g. {name: lora, r: 8}')
-        if value["name"] == "distill":
-            raise ValueError("recipe.student cannot itself be distill; choose the recipe that trains the student, e.g. lora")
-        options_cls = get_recipe_class(value["name"]).Options
-        try:
-            return options_cls.model_validate(value)
-        except ValidationError as exc:
-            raise ValueError(" ".join(_explain(exc, options_cls, prefix=("recipe", "student")))) from None
+        def student_options(name: str) -> type[RecipeOptions]:
+            if name == "distill":
+                raise UserError("recipe.student cannot itself be distill; choose the recipe that trains the student, e.g. lora")
+            return get_recipe_class(name).Options
+
+        options, errors = parse_named_options(value, "recipe.student", student_options, "{name: lora, r: 8}")
+        if errors:
+            raise ValueError(" ".join(errors))
+        return options
 
     @model_validator(mode="after")
     def _offline_needs_top_k(self) -> DistillOptions:

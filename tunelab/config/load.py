@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from tunelab.errors import UserError, did_you_mean, first_line
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Read, merge, resolve and validate a config; raise ``UserError`` on any problem."""
-    raw = _read_resolved(Path(path), overrides)
+    raw = read_resolved(Path(path), overrides)
     config = parse_config(raw, source=str(path))
     _check_inputs(config)
     return config
@@ -44,7 +44,7 @@ def parse_config(raw: Any, source: str = "config") -> Config:
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        errors.extend(_explain(exc, Config))
+        errors.extend(explain_errors(exc, Config))
     if errors:
         raise UserError("\n".join(dict.fromkeys(errors)))
 
@@ -57,19 +57,34 @@ def _parse_recipe(recipe_raw: Any) -> tuple[RecipeOptions | None, list[str]]:
     """Validate ``recipe`` (a name, or a mapping with ``name``) with that recipe's own options model."""
     from tunelab.recipes import get_recipe_class
 
-    if isinstance(recipe_raw, str):
-        recipe_raw = {"name": recipe_raw}
     if recipe_raw is None:
         return None, ['missing required key "recipe"; add e.g. "recipe: lora" (see `tunelab recipes`).']
-    if not isinstance(recipe_raw, dict) or not isinstance(recipe_raw.get("name"), str):
-        return None, ['"recipe" must be a recipe name or a mapping with a "name" key, e.g. "recipe: {name: lora, r: 16}".']
+    return parse_named_options(recipe_raw, "recipe", lambda name: get_recipe_class(name).Options, "{name: lora, r: 16}")
+
+
+def parse_named_options(
+    raw: Any, key: str, options_of: Callable[[str], type[BaseModel]], example: str
+) -> tuple[Any, list[str]]:
+    """Validate ``raw`` (a name, or a mapping with ``name``) with the options model its name selects.
+
+    Recipes, a distillation student and synth strategies are all chosen this way. ``options_of``
+    looks the model up and raises ``UserError`` for an unknown name. Returns (options, []) or
+    (None, one sentence per problem, keys prefixed with ``key``).
+    """
+    if isinstance(raw, BaseModel):
+        raw = raw.model_dump()
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+        return None, [f'"{key}" must be a name or a mapping with a "name" key, e.g. "{key}: {example}".']
     try:
-        options_cls = get_recipe_class(recipe_raw["name"]).Options
-        return options_cls.model_validate(recipe_raw), []
+        options_cls = options_of(raw["name"])
     except UserError as exc:
         return None, [str(exc)]
+    try:
+        return options_cls.model_validate(raw), []
     except ValidationError as exc:
-        return None, _explain(exc, options_cls, prefix=("recipe",))
+        return None, explain_errors(exc, options_cls, prefix=tuple(key.split(".")))
 
 
 def config_to_yaml(config: Config) -> str:
@@ -77,7 +92,8 @@ def config_to_yaml(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-def _read_resolved(path: Path, overrides: Sequence[str]) -> Any:
+def read_resolved(path: Path, overrides: Sequence[str]) -> Any:
+    """The YAML file merged with ``key=value`` overrides and resolved (interpolations), as plain data."""
     if not path.is_file():
         raise UserError(f"config file {path} does not exist; check the path.")
     try:
@@ -121,7 +137,8 @@ def _check_inputs(config: Config) -> None:
 # ---- pydantic errors -> one sentence each -------------------------------------------
 
 
-def _explain(exc: ValidationError, root: type[BaseModel], prefix: tuple = ()) -> list[str]:
+def explain_errors(exc: ValidationError, root: type[BaseModel], prefix: tuple = ()) -> list[str]:
+    """One sentence per pydantic error, with the dotted key (under ``prefix``) and "did you mean" help."""
     messages = []
     for error in exc.errors():
         loc = prefix + tuple(error["loc"])

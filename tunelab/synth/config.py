@@ -124,22 +124,20 @@ class SynthConfig(Section):
     @field_validator("strategy", mode="before")
     @classmethod
     def _strategy_options(cls, value: Any) -> StrategyOptions:
-        from tunelab.config.load import _explain
+        from tunelab.config.load import parse_named_options
         from tunelab.errors import did_you_mean
         from tunelab.synth.strategies import STRATEGIES
 
-        if isinstance(value, str):
-            value = {"name": value}
-        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-            raise ValueError('"strategy" must be a strategy name or a mapping with "name", e.g. {name: evol_instruct, rounds: 4}')
-        if value["name"] not in STRATEGIES:
-            raise ValueError(f'strategy.name "{value["name"]}" is not a strategy{did_you_mean(value["name"], STRATEGIES)}; '
-                             f"choose one of: {', '.join(sorted(STRATEGIES))}")
-        options_cls = STRATEGIES[value["name"]].Options
-        try:
-            return options_cls.model_validate(value)
-        except ValidationError as exc:
-            raise ValueError(" ".join(_explain(exc, options_cls, prefix=("strategy",)))) from None
+        def strategy_options(name: str) -> type[StrategyOptions]:
+            if name not in STRATEGIES:
+                raise UserError(f'strategy.name "{name}" is not a strategy{did_you_mean(name, STRATEGIES)}; '
+                                f"choose one of: {', '.join(sorted(STRATEGIES))}")
+            return STRATEGIES[name].Options
+
+        options, errors = parse_named_options(value, "strategy", strategy_options, "{name: evol_instruct, rounds: 4}")
+        if errors:
+            raise ValueError(" ".join(errors))
+        return options
 
     @field_validator("seeds")
     @classmethod
@@ -152,13 +150,13 @@ class SynthConfig(Section):
 def load_typed(path: str | Path, overrides: Sequence[str], model: type[T]) -> T:
     """Read and resolve a YAML file as training configs are (OmegaConf, overrides), then validate it
     with ``model``; every problem becomes one ``UserError`` sentence with "did you mean" help."""
-    from tunelab.config.load import _explain, _read_resolved
+    from tunelab.config.load import explain_errors, read_resolved
 
-    raw = _read_resolved(Path(path), overrides)
+    raw = read_resolved(Path(path), overrides)
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        raise UserError("\n".join(dict.fromkeys(_explain(exc, model)))) from None
+        raise UserError("\n".join(dict.fromkeys(explain_errors(exc, model)))) from None
 
 
 def load_synth_config(path: str | Path, overrides: Sequence[str] = ()) -> SynthConfig:

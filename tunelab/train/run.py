@@ -31,12 +31,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import (
-    PreTrainedTokenizerBase,
-    ProgressCallback,
-    TrainingArguments,
-    set_seed,
-)
+from transformers import PreTrainedTokenizerBase, ProgressCallback, TrainingArguments, set_seed
 
 from tunelab.config import Config, config_to_yaml
 from tunelab.data.cache import cached_splits
@@ -324,7 +319,6 @@ def _training_arguments(config: Config, run_dir: Path, model: torch.nn.Module) -
     )
     arguments.update(strategy_arguments(config, model))
     return TrainingArguments(**arguments)
-
 
 
 def _evaluate(model: torch.nn.Module, tokenizer, splits: Splits, config: Config) -> dict | None:
