@@ -7,7 +7,7 @@ GPUs as in our CPU tests. Two things accelerate does not do on a CPU process gro
 and which tunelab therefore does itself:
 
 - DeepSpeed is only chosen by accelerate when it is not told to use the CPU, so a DeepSpeed
-  run asks for no CPU mode and points DeepSpeed at its CPU accelerator when there is no GPU;
+  run asks for no CPU mode and names the gloo backend itself when there is no GPU;
 - FSDP is only switched on for accelerator devices; on gloo accelerate would silently train
   DDP instead. ``RecipeTrainer`` switches the same FSDP2 plugin on for CPU process groups.
 """
@@ -53,10 +53,8 @@ def check_strategy(config: Config, world_size: int | None = None) -> None:
 
 def prepare_environment(dist: DistributedConfig) -> None:
     """Set what must be in the environment before the process group is formed."""
-    if dist.strategy == "deepspeed":
+    if dist.strategy == "deepspeed":  # (DeepSpeed finds its CPU accelerator by itself when there is no GPU)
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-        if not torch.cuda.is_available():
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def uses_cpu_mode(dist: DistributedConfig) -> bool:

@@ -140,8 +140,8 @@ def train(
     trainer.add_callback(ConsoleProgress())
     stopper = GracefulStop()
     trainer.add_callback(stopper)
-    if procs.world_size > 1:
-        procs.print(f"tunelab: {procs.world_size} processes ({trainer.accelerator.distributed_type.value}): "
+    if procs.world_size > 1 or config.distributed.strategy != "ddp":
+        procs.print(f"tunelab: {procs.world_size} process{'es' if procs.world_size > 1 else ''} ({trainer.accelerator.distributed_type.value}): "
                     f"{describe_strategy(config.distributed)}")
     if config.tracking.wandb is not None:
         trainer.add_callback(AttachConfig(config))
