@@ -62,14 +62,37 @@ OPTIONAL_SYSTEMS = ("trl_tuned",)
 RESULT_TAG = "VS_TRL_RESULT "
 LAST_STEPS = 5  # final loss = mean of the last few optimizer steps' losses
 
-# tunelab's choices for a CPU without bf16 matrix instructions, each measured or argued in the README / RESULTS:
-TUNELAB_SETTINGS = {
-    "data.packing": True,  # whole examples per row, per-example position ids: no padding, no cross-attention
-    "training.kernels": "auto",  # CPU: the PyTorch recompute-instead-of-store LoRA path + chunked linear CE
-    "training.gradient_checkpointing": False,  # the fused kernels already save little; recomputing costs time
-    "model.dtype": "float32",  # no avx512_bf16/AMX here: bf16 matmuls run far slower than fp32 (see env line)
-    "training.optimizer": "adamw_torch_fused",  # the same optimizer TRL's defaults pick
-}
+# tunelab's choices for this CPU, each measured in bench/RESULTS.md (`--levers` flips them one at a time).
+# Keys with a section name are tunelab config keys; `bench.*` keys switch a lever that has no config key.
+def tunelab_settings(overrides: dict | None = None) -> dict:
+    from tunelab.models.load import cpu_has_bf16_matmul
+
+    return {
+        "data.packing": True,  # whole examples per row, per-example position ids: no padding, no cross-attention
+        "training.kernels": "auto",  # CPU: the PyTorch recompute-instead-of-store LoRA path + chunked linear CE
+        "training.gradient_checkpointing": False,  # the fused kernels already save little; recomputing costs time
+        # bf16 where the CPU multiplies bf16 natively (avx512_bf16/AMX), else fp32 (emulated bf16 is far slower)
+        "model.dtype": "bfloat16" if cpu_has_bf16_matmul() else "float32",
+        "training.optimizer": "adamw_torch_fused",  # the same optimizer TRL's defaults pick
+        "bench.fused_loss": True,  # off: fused LoRA layers but transformers' own loss over full logits
+        "bench.loss_chunk_rows": None,  # None: tunelab's choice (kernels.linear_ce.chunk_rows)
+        "bench.torch_compile": False,  # the Trainer's torch_compile (inductor) around the patched model
+        **(overrides or {}),
+    }
+
+
+# --levers: tunelab with one choice flipped at a time, against its settings above (label, overrides).
+LEVERS = (
+    ("tunelab (all levers)", {}),
+    ("no packing (padded batches)", {"data.packing": False}),
+    ("fp32 instead of bf16", {"model.dtype": "float32"}),
+    ("kernels off (PEFT LoRA layers, full logits)", {"training.kernels": "off"}),
+    ("fused LoRA layers, unfused loss", {"bench.fused_loss": False}),
+    ("loss chunks of 1024 rows (the GPU size)", {"bench.loss_chunk_rows": 1024}),
+    ("gradient checkpointing on", {"training.gradient_checkpointing": True}),
+    ("torch.compile on", {"bench.torch_compile": True}),
+)
+OVERRIDES_ENV = "VS_TRL_TUNELAB_SET"  # parent -> child: the tunelab overrides of one run, as JSON
 
 
 # ====================================================================== child side
@@ -134,6 +157,12 @@ def _trained_pairs(dataset):
             start += n
 
 
+def _cpu_bf16() -> bool:
+    from tunelab.models.load import cpu_has_bf16_matmul
+
+    return cpu_has_bf16_matmul()
+
+
 def run_trl(w: wl.Workload, variant: str, packed: bool, workdir: Path, out_dir: Path, tuned: bool = False) -> dict:
     import torch
     from datasets import load_dataset
@@ -149,7 +178,7 @@ def run_trl(w: wl.Workload, variant: str, packed: bool, workdir: Path, out_dir: 
         # assign use_cpu if you want to train the model on CPU"; use_cpu=True is that message's fix, and it
         # keeps TRL's bf16 (CPU autocast) default.
         use_cpu=True,
-        **({"bf16": False, "gradient_checkpointing": False} if tuned else {}),
+        **({"bf16": _cpu_bf16(), "gradient_checkpointing": False} if tuned else {}),
     )
     peft_config = None if variant == "full" else LoraConfig(
         r=w.rank, lora_alpha=w.alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -172,34 +201,56 @@ def run_trl(w: wl.Workload, variant: str, packed: bool, workdir: Path, out_dir: 
     return {"settings": settings, "data_digest": wl.digest(_trained_pairs(trainer.train_dataset))}
 
 
+def _apply_bench_levers(settings: dict, tunelab_run) -> None:
+    """The ``bench.*`` levers: switched by patching this child process, since tunelab has no key for them."""
+    import tunelab.kernels.linear_ce as fused
+
+    if settings["bench.loss_chunk_rows"]:
+        rows = int(settings["bench.loss_chunk_rows"])
+        fused.chunk_rows = lambda vocab, device_type="cuda": rows
+    if not settings["bench.fused_loss"]:
+        patch_model = tunelab_run.patch_model
+
+        def without_loss(*args, **kwargs):
+            report = patch_model(*args, **kwargs)
+            report.loss_refusal = "switched off by bench/vs_trl.py"
+            return report
+        tunelab_run.patch_model = without_loss
+    if settings["bench.torch_compile"]:
+        arguments = tunelab_run._training_arguments
+        tunelab_run._training_arguments = lambda *a, **k: replace(arguments(*a, **k), torch_compile=True)
+
+
 def run_tunelab(w: wl.Workload, variant: str, workdir: Path, out_dir: Path) -> dict:
     import tunelab.train.run as tunelab_run
     from tunelab.config.load import parse_config
 
+    settings = tunelab_settings(json.loads(os.environ.get(OVERRIDES_ENV, "{}")))
+    _apply_bench_levers(settings, tunelab_run)
     recipe = {"name": "full"} if variant == "full" else {
         "name": variant, "r": w.rank, "alpha": w.alpha, "dropout": 0.0, "target_modules": "all-linear"}
-    if variant == "qlora":
-        recipe |= {"quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
+    if variant == "qlora":  # the 4-bit weights are dequantized to the model's dtype
+        recipe |= {"quant_type": "nf4", "double_quant": True, "compute_dtype": settings["model.dtype"]}
     raw = {
-        "model": {"name_or_path": str(workdir / "model"), "dtype": TUNELAB_SETTINGS["model.dtype"]},
+        "model": {"name_or_path": str(workdir / "model"), "dtype": settings["model.dtype"]},
         "recipe": recipe,
         "data": {"datasets": [{"path": str(workdir / "data.jsonl"), "format": "prompt_completion"}],
-                 "max_length": w.max_length, "packing": TUNELAB_SETTINGS["data.packing"]},
+                 "max_length": w.max_length, "packing": settings["data.packing"]},
         "training": {"seed": w.seed, "max_steps": w.steps, "micro_batch_size": w.micro_batch,
                      "gradient_accumulation_steps": 1, "learning_rate": w.lr,
                      "lr_scheduler": "linear", "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
-                     "optimizer": TUNELAB_SETTINGS["training.optimizer"], "logging_steps": 10,
-                     "gradient_checkpointing": TUNELAB_SETTINGS["training.gradient_checkpointing"],
-                     "kernels": TUNELAB_SETTINGS["training.kernels"]},
+                     "optimizer": settings["training.optimizer"], "logging_steps": 10,
+                     "gradient_checkpointing": settings["training.gradient_checkpointing"],
+                     "kernels": settings["training.kernels"]},
         "eval": {"before_training": False, "exact_match": False},
         "output_dir": str(out_dir),
     }
     config = parse_config(raw, source="bench/vs_trl.py")
     tunelab_run.RecipeTrainer = _measured(tunelab_run.RecipeTrainer)  # this child process only
     tunelab_run.train(config, output_dir=out_dir, overwrite=True)
-    settings = dict(TUNELAB_SETTINGS, **{"lr_scheduler": "linear", "logging_steps": 10, "lora_dropout": 0.0})
+    settings |= {"lr_scheduler": "linear", "logging_steps": 10, "lora_dropout": 0.0}
     if variant == "qlora":
-        settings["bnb_4bit_compute_dtype"] = "float32"
+        settings["bnb_4bit_compute_dtype"] = settings["model.dtype"]
     return {"settings": settings, "data_digest": wl.digest(_trained_pairs(BENCH["trainer"].train_dataset))}
 
 
@@ -332,8 +383,8 @@ def prepare(w: wl.Workload, workdir: Path) -> dict:
     }
 
 
-def run_child(system: str, variant: str, workdir: Path, timeout: float) -> dict:
-    env = dict(os.environ, TUNELAB_CACHE=str(workdir / "cache"), HF_DATASETS_CACHE=str(workdir / "hf-datasets"),
+def run_child(system: str, variant: str, workdir: Path, timeout: float, overrides: dict | None = None) -> dict:
+    env = dict(os.environ, **{OVERRIDES_ENV: json.dumps(overrides or {})}, TUNELAB_CACHE=str(workdir / "cache"), HF_DATASETS_CACHE=str(workdir / "hf-datasets"),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                WANDB_DISABLED="true", PYTHONWARNINGS="ignore")
     command = [sys.executable, str(Path(__file__).resolve()), "--child", system, "--variant", variant, "--workdir", str(workdir)]
@@ -419,12 +470,48 @@ def markdown(summaries: dict[str, dict], w: wl.Workload, variant: str) -> str:
     return "\n".join([f"vs_trl: {variant}, {w.steps} steps, micro-batch {w.micro_batch}, median of {reps}", *rows])
 
 
+def lever_table(summaries: dict[str, dict]) -> str:
+    """--levers: each flipped choice against tunelab with all of them (stderr, for bench/RESULTS.md)."""
+    base = summaries[LEVERS[0][0]]
+    rows = ["| tunelab with | loss tokens/s | × all levers | after step 1 | × all levers | peak RSS MB | × all levers | final loss |",
+            "|---|---|---|---|---|---|---|---|"]
+    for label, s in summaries.items():
+        if not s.get("ok"):
+            rows.append(f"| {label} | failed: {s['errors'][0][:120]} | | | | | | |")
+            continue
+        later, base_later = s["tokens_per_s_after_first_step"] or 0, base["tokens_per_s_after_first_step"] or 1
+        rows.append(f"| {label} | {s['tokens_per_s']:.1f} | {s['tokens_per_s'] / base['tokens_per_s']:.2f}× | "
+                    f"{later:.1f} | {later / base_later:.2f}× | "
+                    f"{s['peak_rss_mb']:.0f} | {s['peak_rss_mb'] / base['peak_rss_mb']:.2f}× | {s['final_loss']:.4f} |")
+    return "\n".join(rows)
+
+
+def _assignments(pairs: list[str], what: str) -> dict:
+    """``KEY=VALUE`` options; a value is read as JSON where it parses (1024, false, null), else as a string."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"vs_trl: {what} {pair!r} is not KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=("lora", "qlora", "full"), default="lora")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 30; 3 with --quick)")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per system (default 3; 1 with --quick)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {','.join(SYSTEMS + OPTIONAL_SYSTEMS)}")
+    parser.add_argument("--levers", action="store_true",
+                        help="instead of the systems: tunelab with each of its choices flipped in turn (bench/RESULTS.md)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one of tunelab's settings, e.g. --set model.dtype=float32 (repeatable)")
+    parser.add_argument("--workload", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a workload field, e.g. --workload max_length=2048 (repeatable; see _workload.py)")
     parser.add_argument("--quick", action="store_true", help="small model (hidden 64), 3 steps, 1 repetition: a smoke test")
     parser.add_argument("--examples", type=int, default=None, help="dataset size (default: enough for the steps)")
     parser.add_argument("--timeout", type=float, default=3 * 3600, help="seconds allowed per child run")
@@ -435,12 +522,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child(args.child, args.variant, Path(args.workdir))
 
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = [s for s in systems if s not in SYSTEMS + OPTIONAL_SYSTEMS]
+    overrides = _assignments(args.set, "--set")
+    unknown = sorted(set(overrides) - set(tunelab_settings()))
     if unknown:
-        parser.error(f"unknown system(s) {', '.join(unknown)}; choose from {', '.join(SYSTEMS + OPTIONAL_SYSTEMS)}")
+        parser.error(f"unknown tunelab setting(s) {', '.join(unknown)}; choose from {', '.join(tunelab_settings())}")
+    if args.levers:  # (label, system, tunelab overrides) per run
+        runs_spec = [(label, "tunelab", overrides | flipped) for label, flipped in LEVERS]
+    else:
+        systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+        unknown = [s for s in systems if s not in SYSTEMS + OPTIONAL_SYSTEMS]
+        if unknown:
+            parser.error(f"unknown system(s) {', '.join(unknown)}; choose from {', '.join(SYSTEMS + OPTIONAL_SYSTEMS)}")
+        runs_spec = [(s, s, overrides if s == "tunelab" else {}) for s in systems]
     w = wl.Workload(**(wl.QUICK if args.quick else {}))
-    w = replace(w, steps=args.steps or w.steps, examples=args.examples if args.examples is not None else w.examples)
+    try:
+        w = replace(w, steps=args.steps or w.steps, examples=args.examples if args.examples is not None else w.examples,
+                    **_assignments(args.workload, "--workload"))
+    except TypeError as exc:
+        parser.error(f"--workload: {exc}")
     reps = args.reps or (1 if args.quick else 3)
 
     workdir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="vs_trl-"))
@@ -452,29 +551,34 @@ def main(argv: list[str] | None = None) -> int:
         log("measuring the matmul peak")
         peak = matmul_peak(512 if args.quick else 2048, seconds=0.5 if args.quick else 3.0)
         print(json.dumps({"kind": "env", **env, "variant": args.variant, "steps": w.steps, "reps": reps,
-                          "order": "alternating: " + " ".join(systems) + " per repetition", "micro_batch": w.micro_batch,
+                          "order": "alternating: " + " | ".join(label for label, _, _ in runs_spec) + " per repetition",
+                          "micro_batch": w.micro_batch, "workload": json.loads(wl.workload_to_json(w)),
+                          "tunelab_settings": tunelab_settings(overrides),
                           "lora": {"r": w.rank, "alpha": w.alpha, "dropout": 0.0, "target_modules": "all-linear"},
                           "learning_rate": w.lr, "seed": w.seed, "matmul_peak": peak, "flops_formula": wl.FLOPS_FORMULA,
                           "tokens_per_s_is": "tokens that carry loss (labels[..., 1:] != -100 in the consumed batches) "
                                              "per second from train begin to the end of the last optimizer step",
                           **info}), flush=True)
-        runs: dict[str, list[dict]] = {s: [] for s in systems}
+        runs: dict[str, list[dict]] = {label: [] for label, _, _ in runs_spec}
         for rep in range(reps):
-            for system in systems:
-                log(f"rep {rep + 1}/{reps}: {system} ({args.variant}, {w.steps} steps)")
-                result = run_child(system, args.variant, workdir, args.timeout)
-                runs[system].append(result)
-                log(f"  {system}: " + (result["error"] if "error" in result else
-                                       f"{result['tokens_per_s']:.1f} loss tokens/s, peak RSS {result['peak_rss_mb']:.0f} MB, "
-                                       f"final loss {result['final_loss']:.4f}, {result['wall_s']:.1f} s"))
+            for label, system, run_overrides in runs_spec:
+                log(f"rep {rep + 1}/{reps}: {label} ({args.variant}, {w.steps} steps)")
+                result = run_child(system, args.variant, workdir, args.timeout, run_overrides)
+                runs[label].append(result)
+                log(f"  {label}: " + (result["error"] if "error" in result else
+                                      f"{result['tokens_per_s']:.1f} loss tokens/s, peak RSS {result['peak_rss_mb']:.0f} MB, "
+                                      f"final loss {result['final_loss']:.4f}, {result['wall_s']:.1f} s"))
         # Measured again after the runs; MFU uses the better of the two (a shared machine only ever lowers it).
         after = matmul_peak(512 if args.quick else 2048, seconds=0.5 if args.quick else 3.0)
         peak = {k: max(peak[k], after[k]) for k in peak} | {"before_runs": peak, "after_runs": after}
-        summaries = {s: summarize(s, runs[s], w, args.variant, peak) for s in systems}
-        for s in systems:
-            summaries[s]["same_examples_as_prepared"] = summaries[s].get("data_digest") == info["data"]["digest"]
-            print(json.dumps(summaries[s]), flush=True)
-        print(json.dumps(ratios(summaries) | {"matmul_peak_used": peak}), flush=True)
+        summaries = {label: summarize(label, runs[label], w, args.variant, peak) for label in runs}
+        for label in runs:
+            summaries[label]["same_examples_as_prepared"] = summaries[label].get("data_digest") == info["data"]["digest"]
+            print(json.dumps(summaries[label]), flush=True)
+        if args.levers:
+            print(lever_table(summaries), file=sys.stderr)
+        else:
+            print(json.dumps(ratios(summaries) | {"matmul_peak_used": peak}), flush=True)
         print(markdown(summaries, w, args.variant), file=sys.stderr)
         return 0 if all(s.get("ok") for s in summaries.values()) else 1
     finally:

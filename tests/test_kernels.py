@@ -280,3 +280,12 @@ def test_cpu_path_saves_fewer_activation_bytes_and_is_not_slower_than_peft():
           f"fused {fused_s * 1e3:.2f} ms")
     # Timing on a shared CI machine is noisy: the bench script measures at real sizes; here a margin.
     assert fused_s <= 1.3 * peft_s
+
+
+def test_loss_chunks_are_smaller_on_a_cpu_than_on_a_gpu():
+    """A GPU keeps busy with 32 M-logit chunks; a CPU keeps 4 M (the vs_trl levers table measures both)."""
+    from tunelab.kernels.linear_ce import chunk_rows
+
+    assert chunk_rows(32000, "cuda") == 1024 and chunk_rows(32000, "cpu") == 128
+    assert chunk_rows(128256, "cuda") == 256 and chunk_rows(128256, "cpu") == 32
+    assert chunk_rows(10**7, "cpu") == 16  # never fewer than 16 rows

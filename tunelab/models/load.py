@@ -63,10 +63,32 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
-    """``auto`` is bf16 on a GPU that supports it, else fp32 (CPU bf16 training is slow and lossy)."""
+    """``auto`` is bf16 on a GPU that supports it, else fp32.
+
+    On a CPU ``auto`` stays fp32 even where the CPU has bf16 matrix instructions: the same
+    config then gives the same numbers on every CPU (tests and CI pin losses). ``dtype_hint``
+    tells users of such CPUs that ``bfloat16`` is faster there.
+    """
     if dtype == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     return getattr(torch, dtype)
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX).
+
+    Without them oneDNN emulates bf16 and a bf16 linear layer runs several times slower than
+    fp32; with them it runs faster than fp32 (bench/RESULTS.md has both measurements).
+    """
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def dtype_hint(model_config: ModelConfig) -> str | None:
+    """A one-line tip when ``auto`` chose fp32 on a CPU where bf16 would be faster."""
+    if model_config.dtype != "auto" or torch.cuda.is_available() or not cpu_has_bf16_matmul():
+        return None
+    return ("tunelab: this CPU has bf16 matrix instructions; model.dtype: bfloat16 trains faster here than "
+            "the fp32 that auto picks on CPUs (see bench/RESULTS.md)")
 
 
 def load_tokenizer(model_config: ModelConfig) -> PreTrainedTokenizerBase:

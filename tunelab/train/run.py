@@ -46,7 +46,7 @@ from tunelab.kernels.backend import resolve as resolve_kernels
 from tunelab.kernels.patch import patch_model
 from tunelab.launch.strategy import check_strategy, describe_strategy, release_sharding, uses_cpu_mode
 from tunelab.launch.strategy import training_arguments as strategy_arguments
-from tunelab.models.load import load_model, load_tokenizer
+from tunelab.models.load import dtype_hint, load_model, load_tokenizer
 from tunelab.models.trained import load_trained
 from tunelab.recipes import get_recipe_class
 from tunelab.train.callbacks import ConsoleProgress, MetricsLogger
@@ -113,6 +113,8 @@ def train(
     recipe = get_recipe_class(config.recipe.name)(config.recipe)
     check_optimizer(config.training.optimizer)
     resolve_kernels(config.training.kernels)  # a refused training.kernels fails before the model loads
+    if hint := dtype_hint(config.model):
+        procs.print(hint)
     with procs.main_first():
         base = load_model(config.model, **recipe.load_kwargs(config))
     set_seed(config.training.seed)  # after loading, so adapter init never depends on what loading drew
