@@ -2,7 +2,9 @@
 
     python bench/vs_trl.py                      # LoRA, 30 steps, 3 repetitions (the measurement)
     python bench/vs_trl.py --variant qlora      # or full
+    python bench/vs_trl.py --levers             # tunelab with each of its choices flipped in turn
     python bench/vs_trl.py --quick              # a small model, 3 steps, 1 repetition (smoke test)
+    python bench/vs_trl.py --set model.dtype=float32 --workload max_length=1024   # one setting / workload field
 
 Systems, each run in a fresh subprocess (so peak RSS is that system's own), in the order
 trl, trl_packed, tunelab, repeated --reps times (A B C A B C ...); the median of the repetitions is reported:
@@ -12,13 +14,14 @@ trl, trl_packed, tunelab, repeated --reps times (A B C A B C ...); the median of
               only what the workload fixes is set: steps, micro-batch, learning rate, seed, max_length, report_to,
               and use_cpu=True (without it TRL's bf16 default refuses to start on a machine without a GPU).
 - trl_packed: the same with packing=True (TRL's default strategy "bfd", which turns on padding-free batches).
-- tunelab:    tunelab.train.run.train with its settings for this CPU (see TUNELAB_SETTINGS below).
-- trl_tuned:  optional (--systems trl,trl_packed,tunelab,trl_tuned): packing=True, bf16=False,
-              gradient_checkpointing=False, i.e. TRL tuned for a CPU without bf16 matrix instructions.
+- tunelab:    tunelab.train.run.train with its settings for this CPU (``tunelab_settings`` below; bf16 weights
+              where the CPU multiplies bf16 natively, fp32 where it would emulate it).
+- trl_tuned:  optional (--systems trl,trl_packed,tunelab,trl_tuned): packing=True, gradient_checkpointing=False,
+              and bf16 autocast only where the CPU has bf16 matrix instructions: TRL as a user who tuned it would run it.
 
-Run time on the project's 2-core CPU (an estimate from 1- and 2-step smoke runs on a shared machine, LoRA):
-about 27 s per optimizer step for trl, 70 s for trl_packed, 8 s for tunelab, so one repetition of 30 steps
-takes about 55 minutes and the default 3 repetitions about 2 h 45 min. --reps 1 or --steps 10 shorten it.
+Run time on the project's 2-core CPU with avx512_bf16 (LoRA, 30 steps): about 70 s per run for trl, 220 s for
+trl_packed and 40 s for tunelab, so the default 3 repetitions take about 17 minutes. On a CPU without bf16
+matrix instructions TRL's bf16 default is about 10x slower (see bench/RESULTS.md).
 
 The data is a prompt/completion set in conversational form (ChatML via the tokenizer's template); both
 systems tokenize it themselves, and each child reports a hash of the tokenized examples it trained on, so the
@@ -27,7 +30,7 @@ output shows whether the systems saw exactly the same tokens and labels.
 Tokens/s counts only tokens that carry loss, measured the same way for every system: the benchmark wraps
 the Trainer's training_step and counts labels != -100 (shifted: labels[..., 1:]) in every batch the
 optimizer steps actually consumed, and times from train begin to the end of the last optimizer step.
-Output: JSON lines on stdout (env, one per system, ratios); progress on stderr.
+Output: JSON lines on stdout (env, one per system, ratios); progress and markdown tables on stderr.
 """
 
 from __future__ import annotations
@@ -492,7 +495,7 @@ def _assignments(pairs: list[str], what: str) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"vs_trl: {what} {pair!r} is not KEY=VALUE")
+            raise ValueError(f"{what} {pair!r} is not KEY=VALUE")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -522,7 +525,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child(args.child, args.variant, Path(args.workdir))
 
-    overrides = _assignments(args.set, "--set")
+    try:
+        overrides, workload_fields = _assignments(args.set, "--set"), _assignments(args.workload, "--workload")
+    except ValueError as exc:
+        parser.error(str(exc))
     unknown = sorted(set(overrides) - set(tunelab_settings()))
     if unknown:
         parser.error(f"unknown tunelab setting(s) {', '.join(unknown)}; choose from {', '.join(tunelab_settings())}")
@@ -537,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     w = wl.Workload(**(wl.QUICK if args.quick else {}))
     try:
         w = replace(w, steps=args.steps or w.steps, examples=args.examples if args.examples is not None else w.examples,
-                    **_assignments(args.workload, "--workload"))
+                    **workload_fields)
     except TypeError as exc:
         parser.error(f"--workload: {exc}")
     reps = args.reps or (1 if args.quick else 3)

@@ -44,3 +44,48 @@ def test_vs_trl_quick_runs_every_system_on_the_same_examples(tmp_path):
     for base in ("vs_trl", "vs_trl_packed"):
         assert set(ratios[base]) >= {"tokens_per_s", "peak_rss", "final_loss_rel_diff", "same_examples"}
         assert ratios[base]["tokens_per_s"] > 0 and ratios[base]["same_examples"]
+
+
+def _bench_module(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", SCRIPT.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.append(str(SCRIPT.parent))  # for _workload
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_vs_trl_refuses_unknown_settings_and_workload_fields(tmp_path):
+    for option, expected in ((["--set", "model.dtyp=float32"], "unknown tunelab setting(s) model.dtyp"),
+                             (["--workload", "hiden=64"], "--workload: "),
+                             (["--set", "nonsense"], "is not KEY=VALUE")):
+        proc = subprocess.run([sys.executable, str(SCRIPT), *option], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert expected in proc.stderr, proc.stderr[-500:]
+
+
+def test_levers_flip_one_choice_each_against_the_tunelab_settings():
+    vs_trl = _bench_module("vs_trl")
+    settings = vs_trl.tunelab_settings()
+    label, first = vs_trl.LEVERS[0]
+    assert first == {} and "all levers" in label
+    for label, flipped in vs_trl.LEVERS[1:]:
+        assert len(flipped) == 1, label
+        (key, value), = flipped.items()
+        assert key in settings and settings[key] != value, label  # a real change, of a known setting
+    assert vs_trl._assignments(["a=1024", "b=false", "c=float32", "d=null"], "--set") == {
+        "a": 1024, "b": False, "c": "float32", "d": None}
+
+
+def test_scaling_table_gives_each_system_and_the_ratios():
+    scaling = _bench_module("scaling")
+    assert [p[1] for p in scaling.points("length")] == ["128", "256", "512", "1024", "2048"]
+    assert scaling.points("length")[-1][2] == {"max_length": 2048, "median_tokens": 1229, "sigma": 0.3}
+    lines = [{"kind": "env", "data": {"tokens_mean": 76.4}, "model": {"parameters": 44_044_800}},
+             {"kind": "system", "system": "trl", "ok": True, "tokens_per_s": 100.0, "peak_rss_mb": 3000.0},
+             {"kind": "system", "system": "tunelab", "ok": True, "tokens_per_s": 750.0, "peak_rss_mb": 1200.0}]
+    text = scaling.table("model", [("44M", lines)], ["trl", "tunelab"])
+    assert text.splitlines()[-1] == "| 44.0 M | 100.0 | 3000 | 750.0 | 1200 | 7.5× | 0.40× |"
+    text = scaling.table("length", [("128", lines)], ["trl", "tunelab"])
+    assert text.splitlines()[-1].startswith("| 128 | 76 | 100.0 |")

@@ -165,3 +165,18 @@ def test_output_that_is_a_file_is_refused(capsys, tmp_path, addition_jsonl):
     (tmp_path / "file").write_text("x")
     code, _, err = run_cli(capsys, "train", str(write_config(tmp_path, lora_yaml(addition_jsonl, tmp_path / "file"))))
     assert code == 2 and "is a file; choose another --output" in err
+
+
+def test_dtype_auto_is_fp32_on_a_cpu_and_bf16_cpus_get_a_hint(monkeypatch):
+    """auto never depends on which CPU runs the tests; where bf16 would be faster, one line says so."""
+    import tunelab.models.load as load
+    from tunelab.config.schema import ModelConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert load.resolve_dtype("auto") == torch.float32
+    monkeypatch.setattr(load, "cpu_has_bf16_matmul", lambda: True)
+    hint = load.dtype_hint(ModelConfig(name_or_path="builtin:tiny-llama"))
+    assert hint and "model.dtype: bfloat16" in hint
+    assert load.dtype_hint(ModelConfig(name_or_path="builtin:tiny-llama", dtype="float32")) is None
+    monkeypatch.setattr(load, "cpu_has_bf16_matmul", lambda: False)
+    assert load.dtype_hint(ModelConfig(name_or_path="builtin:tiny-llama")) is None

@@ -1,0 +1,101 @@
+"""How tokens/s and peak memory grow with sequence length and model size, tunelab against TRL.
+
+    python bench/scaling.py                      # both tables: lengths 128..2048 and models 11M..150M
+    python bench/scaling.py --only length        # or: --only model
+    python bench/scaling.py --steps 4 --systems trl,tunelab
+
+Each point is one `bench/vs_trl.py` invocation (its own model, data and fresh child processes), so
+every figure here is measured exactly as the main comparison is; only the workload changes:
+
+- length: max_length L in 128, 256, 512, 1024, 2048 with examples about 0.6·L tokens long
+  (lognormal, sigma 0.3), so both systems really process rows of about L tokens;
+- model:  Llamas of about 11 M, 44 M and 150 M parameters (vocab 32000, untied head) at the main
+  workload's data (median 100 tokens, max length 512).
+
+Output: the JSON lines of every point on stdout, the two markdown tables on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+VS_TRL = Path(__file__).resolve().parent / "vs_trl.py"
+
+LENGTHS = (128, 256, 512, 1024, 2048)
+# (label, workload fields): hidden, layers, heads, KV heads, MLP width; the parameter count is reported by vs_trl.
+MODELS = (
+    ("11M", {"hidden": 160, "layers": 4, "heads": 4, "kv_heads": 2, "intermediate": 432}),
+    ("44M", {}),
+    ("150M", {"hidden": 1024, "layers": 8, "heads": 16, "kv_heads": 4, "intermediate": 2816}),
+)
+
+
+def points(only: str | None) -> list[tuple[str, str, dict]]:
+    out = []
+    if only in (None, "length"):
+        out += [("length", str(n), {"max_length": n, "median_tokens": round(0.6 * n), "sigma": 0.3}) for n in LENGTHS]
+    if only in (None, "model"):
+        out += [("model", label, fields) for label, fields in MODELS]
+    return out
+
+
+def run_point(fields: dict, steps: int, reps: int, systems: str) -> list[dict]:
+    command = [sys.executable, str(VS_TRL), "--steps", str(steps), "--reps", str(reps), "--systems", systems]
+    for key, value in fields.items():
+        command += ["--workload", f"{key}={value}"]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise SystemExit(f"scaling: vs_trl failed for {fields}: {proc.stderr.strip()[-2000:]}")
+    return lines
+
+
+def table(kind: str, results: list[tuple[str, list[dict]]], systems: list[str]) -> str:
+    first = "max length" if kind == "length" else "parameters"
+    head = [first, "tokens/row (mean)"] if kind == "length" else [first]
+    for s in systems:
+        head += [f"{s} tokens/s", f"{s} peak RSS MB"]
+    head += ["tunelab ÷ trl tokens/s", "tunelab ÷ trl RSS"] if {"trl", "tunelab"} <= set(systems) else []
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, lines in results:
+        env = next(line for line in lines if line["kind"] == "env")
+        by = {line["system"]: line for line in lines if line["kind"] == "system"}
+        cells = [label, f"{env['data']['tokens_mean']:.0f}"] if kind == "length" else [f"{env['model']['parameters'] / 1e6:.1f} M"]
+        for s in systems:
+            r = by.get(s, {})
+            cells += [f"{r['tokens_per_s']:.1f}", f"{r['peak_rss_mb']:.0f}"] if r.get("ok") else ["failed", ""]
+        if {"trl", "tunelab"} <= set(systems):
+            ours, theirs = by.get("tunelab", {}), by.get("trl", {})
+            ok = ours.get("ok") and theirs.get("ok")
+            cells += [f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.1f}×", f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}×"] if ok else ["", ""]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("length", "model"))
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per run (default 4)")
+    parser.add_argument("--reps", type=int, default=1, help="repetitions per system and point (default 1)")
+    parser.add_argument("--systems", default="trl,tunelab", help="vs_trl.py systems (default trl,tunelab)")
+    args = parser.parse_args(argv)
+    systems = [s for s in args.systems.split(",") if s]
+    results: dict[str, list] = {"length": [], "model": []}
+    for kind, label, fields in points(args.only):
+        print(f"scaling: {kind} {label}", file=sys.stderr, flush=True)
+        lines = run_point(fields, args.steps, args.reps, args.systems)
+        for line in lines:
+            print(json.dumps({"scaling": kind, "point": label, **line}), flush=True)
+        results[kind].append((label, lines))
+    for kind, done in results.items():
+        if done:
+            print(f"\nscaling by {kind} ({args.steps} steps, median of {args.reps}):\n" + table(kind, done, systems), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
