@@ -2,6 +2,7 @@
 #   make quickstart   set up, then pretrain a tiny base (cached) and teach it a skill with LoRA
 #   make test         set up, then run the test suite (what CI runs)
 #   make test-slow    the tests marked slow
+#   make bench        tunelab vs TRL + PEFT (LoRA, QLoRA, full), the levers and the scaling tables (about 1.5 h on 2 cores)
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
@@ -14,7 +15,7 @@ TORCH_SPEC ?= torch==2.13.0
 # CUDA build); wheels already on the machine (pip find-links) are still used.
 TORCH_INDEX ?= $(if $(shell command -v nvidia-smi),,https://download.pytorch.org/whl/cpu)
 
-.PHONY: setup quickstart test test-slow clean
+.PHONY: setup quickstart test test-slow bench clean
 
 setup: $(STAMP)
 
@@ -40,6 +41,14 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow -q
+
+# The measurements in bench/RESULTS.md, one after another (run them on an otherwise idle machine).
+bench: $(STAMP)
+	OMP_NUM_THREADS=$$(nproc) $(BIN)/python bench/vs_trl.py
+	OMP_NUM_THREADS=$$(nproc) $(BIN)/python bench/vs_trl.py --variant qlora --steps 10 --reps 2
+	OMP_NUM_THREADS=$$(nproc) $(BIN)/python bench/vs_trl.py --variant full --steps 10 --reps 2
+	OMP_NUM_THREADS=$$(nproc) $(BIN)/python bench/vs_trl.py --levers --steps 15 --reps 3
+	OMP_NUM_THREADS=$$(nproc) $(BIN)/python bench/scaling.py --steps 4 --reps 3
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis

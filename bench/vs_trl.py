@@ -59,8 +59,8 @@ sys.path.append(str(HERE))
 import _workload as wl  # noqa: E402
 
 SYSTEMS = ("trl", "trl_packed", "tunelab")
-# Not run by default (--systems adds it): TRL packed with bf16 and gradient checkpointing off, i.e. TRL as a user
-# who tuned it for this CPU would run it. It shows how much of the gap is TRL's defaults and how much its code.
+# Not run by default (--systems adds it): TRL packed without gradient checkpointing, with bf16 autocast only where the
+# CPU has bf16 matrix instructions, i.e. TRL as a user who tuned it for this CPU would run it. It shows how much of the gap is TRL's defaults and how much its code.
 OPTIONAL_SYSTEMS = ("trl_tuned",)
 RESULT_TAG = "VS_TRL_RESULT "
 LAST_STEPS = 5  # final loss = mean of the last few optimizer steps' losses

@@ -14,7 +14,6 @@ What "measured" means here (the process RSS would mostly be the Python/torch run
 from __future__ import annotations
 
 import contextlib
-
 import gc
 import json
 import tempfile
