@@ -3,6 +3,7 @@
     python bench/scaling.py                      # both tables: lengths 128..2048 and models 11M..150M
     python bench/scaling.py --only length        # or: --only model
     python bench/scaling.py --steps 4 --systems trl,tunelab
+    python bench/scaling.py --from bench/scaling-2026-12-04.jsonl   # the tables again, from a saved run
 
 Each point is one `bench/vs_trl.py` invocation (its own model, data and fresh child processes), so
 every figure here is measured exactly as the main comparison is; only the workload changes:
@@ -55,11 +56,14 @@ def run_point(fields: dict, steps: int, reps: int, systems: str) -> list[dict]:
 
 
 def table(kind: str, results: list[tuple[str, list[dict]]], systems: list[str]) -> str:
+    """One markdown row per point: each system's tokens/s and peak RSS, then tunelab ÷ each TRL system."""
     first = "max length" if kind == "length" else "parameters"
     head = [first, "tokens/row (mean)"] if kind == "length" else [first]
     for s in systems:
         head += [f"{s} tokens/s", f"{s} peak RSS MB"]
-    head += ["tunelab ÷ trl tokens/s", "tunelab ÷ trl RSS"] if {"trl", "tunelab"} <= set(systems) else []
+    peers = [s for s in systems if s != "tunelab"] if "tunelab" in systems else []
+    for peer in peers:
+        head += [f"tunelab ÷ {peer} tokens/s", f"tunelab ÷ {peer} RSS"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, lines in results:
         env = next(line for line in lines if line["kind"] == "env")
@@ -68,12 +72,23 @@ def table(kind: str, results: list[tuple[str, list[dict]]], systems: list[str]) 
         for s in systems:
             r = by.get(s, {})
             cells += [f"{r['tokens_per_s']:.1f}", f"{r['peak_rss_mb']:.0f}"] if r.get("ok") else ["failed", ""]
-        if {"trl", "tunelab"} <= set(systems):
-            ours, theirs = by.get("tunelab", {}), by.get("trl", {})
+        ours = by.get("tunelab", {})
+        for peer in peers:
+            theirs = by.get(peer, {})
             ok = ours.get("ok") and theirs.get("ok")
             cells += [f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.1f}×", f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}×"] if ok else ["", ""]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def read_results(path: Path) -> dict[str, list[tuple[str, list[dict]]]]:
+    """The points of an earlier run, from the JSON lines it printed (so tables can be rebuilt from the raw file)."""
+    results: dict[str, dict[str, list[dict]]] = {"length": {}, "model": {}}
+    for text in path.read_text().splitlines():
+        if text.startswith("{"):
+            line = json.loads(text)
+            results[line["scaling"]].setdefault(line["point"], []).append(line)
+    return {kind: list(points.items()) for kind, points in results.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,9 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("length", "model"))
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per run (default 4)")
     parser.add_argument("--reps", type=int, default=1, help="repetitions per system and point (default 1)")
-    parser.add_argument("--systems", default="trl,tunelab", help="vs_trl.py systems (default trl,tunelab)")
+    parser.add_argument("--systems", default="trl,trl_packed,tunelab",
+                        help="vs_trl.py systems (default trl,trl_packed,tunelab)")
+    parser.add_argument("--from", dest="from_file", type=Path, metavar="JSONL",
+                        help="print the tables of an earlier run from its saved stdout instead of measuring")
     args = parser.parse_args(argv)
     systems = [s for s in args.systems.split(",") if s]
+    if args.from_file:
+        for kind, done in read_results(args.from_file).items():
+            if done:
+                env = next(line for line in done[0][1] if line["kind"] == "env")
+                print(f"scaling by {kind} ({env['steps']} steps, median of {env['reps']}):\n" + table(kind, done, systems))
+        return 0
     results: dict[str, list] = {"length": [], "model": []}
     for kind, label, fields in points(args.only):
         print(f"scaling: {kind} {label}", file=sys.stderr, flush=True)

@@ -89,3 +89,17 @@ def test_scaling_table_gives_each_system_and_the_ratios():
     assert text.splitlines()[-1] == "| 44.0 M | 100.0 | 3000 | 750.0 | 1200 | 7.5× | 0.40× |"
     text = scaling.table("length", [("128", lines)], ["trl", "tunelab"])
     assert text.splitlines()[-1].startswith("| 128 | 76 | 100.0 |")
+
+
+def test_scaling_tables_rebuild_from_saved_lines_with_a_ratio_per_peer(tmp_path, capsys):
+    scaling = _bench_module("scaling")
+    env = {"kind": "env", "steps": 4, "reps": 3, "data": {"tokens_mean": 76.4}, "model": {"parameters": 11_000_000}}
+    systems = [{"kind": "system", "system": "trl", "ok": True, "tokens_per_s": 100.0, "peak_rss_mb": 3000.0},
+               {"kind": "system", "system": "trl_packed", "ok": True, "tokens_per_s": 200.0, "peak_rss_mb": 2400.0},
+               {"kind": "system", "system": "tunelab", "ok": True, "tokens_per_s": 800.0, "peak_rss_mb": 1200.0}]
+    saved = tmp_path / "scaling.jsonl"
+    saved.write_text("".join(json.dumps({"scaling": "model", "point": "11M", **line}) + "\n" for line in [env, *systems]))
+    assert scaling.main(["--from", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("scaling by model (4 steps, median of 3):")
+    assert out.strip().splitlines()[-1] == "| 11.0 M | 100.0 | 3000 | 200.0 | 2400 | 800.0 | 1200 | 8.0× | 0.40× | 4.0× | 0.50× |"
