@@ -58,7 +58,7 @@ def run_point(fields: dict, steps: int, reps: int, systems: str) -> list[dict]:
 def table(kind: str, results: list[tuple[str, list[dict]]], systems: list[str]) -> str:
     """One markdown row per point: each system's tokens/s and peak RSS, then tunelab ÷ each TRL system."""
     first = "max length" if kind == "length" else "parameters"
-    head = [first, "tokens/row (mean)"] if kind == "length" else [first]
+    head = [first, "tokens/example (mean)"] if kind == "length" else [first]
     for s in systems:
         head += [f"{s} tokens/s", f"{s} peak RSS MB"]
     peers = [s for s in systems if s != "tunelab"] if "tunelab" in systems else []

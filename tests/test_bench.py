@@ -103,3 +103,14 @@ def test_scaling_tables_rebuild_from_saved_lines_with_a_ratio_per_peer(tmp_path,
     out = capsys.readouterr().out
     assert out.startswith("scaling by model (4 steps, median of 3):")
     assert out.strip().splitlines()[-1] == "| 11.0 M | 100.0 | 3000 | 200.0 | 2400 | 800.0 | 1200 | 8.0× | 0.40× | 4.0× | 0.50× |"
+
+
+def test_scaling_tables_in_results_md_are_the_ones_the_saved_run_gives(capsys):
+    """bench/RESULTS.md must show what the committed raw lines say, not hand-edited figures."""
+    scaling = _bench_module("scaling")
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    assert scaling.main(["--from", str(bench / "scaling-2026-12-04.jsonl")]) == 0
+    table_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert len(table_lines) == 2 * 2 + 5 + 3  # two header rows per table, 5 lengths, 3 models
+    results = (bench / "RESULTS.md").read_text().splitlines()
+    assert [line for line in table_lines if line not in results] == []
