@@ -78,6 +78,32 @@ def test_qlora_base_is_nf4_double_quantized_and_prepared_for_kbit_training():
     assert model.get_memory_footprint() < 0.45 * fp32_base.get_memory_footprint()
 
 
+def test_qlora_evaluation_leaves_the_4bit_weights_as_training_reads_them(monkeypatch):
+    # On a CPU with avx512_bf16, bitsandbytes would repack every 4-bit weight on the first
+    # no-grad eval forward and then compute in bf16, with no backward through the base.
+    # Pretend to be such a CPU: the switch must come off at load, on every machine.
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    model = build({"name": "qlora", "compute_dtype": "float32"})
+    linears = [m.base_layer for m in adapted(model).values()]
+    assert len(linears) == LAYERS * len(LINEARS)
+    assert not any(linear.support_avx512bf16_for_cpu for linear in linears)
+    evaluated = probe_logits(model)  # eval mode, no gradients
+    assert not any(getattr(linear.weight.quant_state, "packing_format_for_cpu", False) for linear in linears)
+    # The same model, never evaluated, in training mode: same logits, and after an evaluation
+    # training computes the same gradients as training without one.
+    never_evaluated = build({"name": "qlora", "compute_dtype": "float32"}).train()
+    ids = torch.randint(3, 500, (3, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        in_training = never_evaluated(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
+    assert torch.equal(evaluated, in_training)
+    for each in (model.train(), never_evaluated):
+        each(input_ids=ids, labels=ids).loss.backward()
+    grads = [{n: p.grad for n, p in each.named_parameters() if p.requires_grad} for each in (model, never_evaluated)]
+    assert grads[0].keys() == grads[1].keys() and all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
 def test_qlora_without_bitsandbytes_is_refused(monkeypatch):
     import importlib.util
 

@@ -10,6 +10,7 @@ from conftest import run_cli, write_config
 from recipe_helpers import HIDDEN, KV, LAYERS, LINEARS, RECIPES, REPO, VOCAB, probe_logits, train_tiny
 from tunelab.recipes import REGISTRY
 
+from tunelab.kernels.patch import patch_model
 from tunelab.models.trained import load_trained
 
 
@@ -70,9 +71,14 @@ def test_save_and_reload_gives_identical_logits(name, runs_dir):
     result = train_tiny(name, runs_dir)
     trained = probe_logits(result.model)
     reloaded, tokenizer = load_trained(result.run_dir)
-    assert torch.allclose(probe_logits(reloaded), trained, rtol=0, atol=1e-6), (
-        (probe_logits(reloaded) - trained).abs().max()
-    )
+    # As PEFT (or any other tool) runs it: the same up to fp32 rounding (the fused kernels
+    # training ran add the adapter's product in a different order).
+    assert torch.allclose(probe_logits(reloaded), trained, rtol=0, atol=1e-5), (probe_logits(reloaded) - trained).abs().max()
+    # With the kernels training ran: bit-identical. (AdaLoRA saves only the ranks its budget
+    # kept, so its reload sums fewer, all-zero-masked terms: equal up to rounding only.)
+    patch_model(reloaded, result.model.tunelab_kernels.mode)
+    if name != "adalora":
+        assert torch.equal(probe_logits(reloaded), trained)
     assert tokenizer.chat_template is not None
 
 

@@ -109,7 +109,7 @@ def load_model(model_config: ModelConfig, **recipe_kwargs: Any) -> PreTrainedMod
     """Load the base model; ``recipe_kwargs`` (e.g. a quantization config) come from the recipe."""
     path = resolve_model_path(model_config.name_or_path)
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=resolve_dtype(model_config.dtype),
             revision=model_config.revision,
@@ -124,6 +124,26 @@ def load_model(model_config: ModelConfig, **recipe_kwargs: Any) -> PreTrainedMod
         ) from exc
     except (OSError, ValueError) as exc:
         raise _load_error(model_config, "model", exc) from exc
+    keep_4bit_layout(model)
+    return model
+
+
+def keep_4bit_layout(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; returns the layers changed.
+
+    On CPUs with avx512_bf16, ``bnb.nn.Linear4bit`` rewrites its weight in place into a
+    CPU-only layout on its first forward in eval mode without gradients (an evaluation
+    pass, a generation, a probe) and from then on computes that layer in bf16 whatever
+    the compute dtype. Training afterwards goes through an op without a backward (no
+    gradient reaches the layers below) and the fused kernels' dequantize reads the
+    wrong layout. Evaluation must see the weights training sees, so the switch is off.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 def _load_error(model_config: ModelConfig, what: str, exc: Exception) -> UserError:
