@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
@@ -65,3 +66,13 @@ def test_every_package_is_listed_for_installation():
     on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "tunelab").rglob("__init__.py")}
     on_disk |= {"tunelab.recipes", "tunelab.kernels"}
     assert on_disk == listed
+
+
+def test_bitsandbytes_hub_kernel_notice_is_dropped_and_nothing_else(caplog):
+    import tunelab  # noqa: F401  (installs the filter)
+
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s", "no hub here")
+        log.warning("something else")
+    assert [r.getMessage() for r in caplog.records if r.name == log.name] == ["something else"]

@@ -1,5 +1,6 @@
 """tunelab: fine-tuning recipe runner for LLMs."""
 
+import logging
 import sys
 from pathlib import Path
 
@@ -24,3 +25,20 @@ def _stop_shadowing_kernels() -> None:
 
 
 _stop_shadowing_kernels()
+
+
+def _quiet_bitsandbytes_cpu_kernel_notice() -> None:
+    """Drop bitsandbytes' "Failed to load CPU gemm_4bit_forward" warning, printed on import.
+
+    On CPUs with avx512_bf16, importing bitsandbytes (which PEFT does) asks the hub for an
+    inference kernel and logs a warning when it cannot have it. That kernel only serves
+    bitsandbytes' repacked eval-time layout, which tunelab switches off
+    (``tunelab.models.load.keep_4bit_layout``), so the line would only mislead.
+    """
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(keep)
+
+
+_quiet_bitsandbytes_cpu_kernel_notice()
