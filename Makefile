@@ -48,7 +48,8 @@ bench: $(STAMP)
 	OMP_NUM_THREADS=$$(nproc) $(BIN)/python bench/vs_trl.py --variant qlora --steps 10 --reps 2
 	OMP_NUM_THREADS=$$(nproc) $(BIN)/python bench/vs_trl.py --variant full --steps 10 --reps 2
 	OMP_NUM_THREADS=$$(nproc) $(BIN)/python bench/vs_trl.py --levers --steps 15 --reps 3
-	OMP_NUM_THREADS=$$(nproc) $(BIN)/python bench/scaling.py --steps 4 --reps 3 > bench/scaling-$$(date +%F).jsonl
+	OMP_NUM_THREADS=$$(nproc) $(BIN)/python bench/scaling.py --steps 4 --reps 3 > bench/scaling.jsonl.partial \
+	    && mv bench/scaling.jsonl.partial bench/scaling-$$(date +%F).jsonl
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis

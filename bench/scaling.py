@@ -4,6 +4,7 @@
     python bench/scaling.py --only length        # or: --only model
     python bench/scaling.py --steps 4 --systems trl,tunelab
     python bench/scaling.py --from bench/scaling-2026-12-04.jsonl   # the tables again, from a saved run
+    python bench/scaling.py --from bench/scaling-2026-12-04.jsonl --after-first-step --over-baseline
 
 Each point is one `bench/vs_trl.py` invocation (its own model, data and fresh child processes), so
 every figure here is measured exactly as the main comparison is; only the workload changes:
@@ -13,7 +14,8 @@ every figure here is measured exactly as the main comparison is; only the worklo
 - model:  Llamas of about 11 M, 44 M and 150 M parameters (vocab 32000, untied head) at the main
   workload's data (median 100 tokens, max length 512).
 
-Output: the JSON lines of every point on stdout, the two markdown tables on stderr.
+Output: the JSON lines of every point on stdout, the two markdown tables on stderr (with --from,
+the tables on stdout).
 """
 
 from __future__ import annotations
@@ -55,15 +57,27 @@ def run_point(fields: dict, steps: int, reps: int, systems: str) -> list[dict]:
     return lines
 
 
-def table(kind: str, results: list[tuple[str, list[dict]]], systems: list[str]) -> str:
-    """One markdown row per point: each system's tokens/s and peak RSS, then tunelab ÷ each TRL system."""
+def table(kind: str, results: list[tuple[str, list[dict]]], systems: list[str],
+          after_first_step: bool = False, over_baseline: bool = False) -> str:
+    """One markdown row per point: each system's tokens/s and peak RSS, then tunelab ÷ each TRL system.
+
+    ``after_first_step`` times steps 2.. only (a short run otherwise counts warm-up);
+    ``over_baseline`` subtracts each run's RSS at train begin (the imported runtime).
+    """
+    speed = "tokens_per_s_after_first_step" if after_first_step else "tokens_per_s"
+
+    def rss(r: dict) -> float:
+        return r["peak_rss_mb"] - (r["rss_at_train_begin_mb"] if over_baseline else 0.0)
+
+    speed_name = "tokens/s after step 1" if after_first_step else "tokens/s"
+    rss_name = "RSS over train begin MB" if over_baseline else "peak RSS MB"
     first = "max length" if kind == "length" else "parameters"
     head = [first, "tokens/example (mean)"] if kind == "length" else [first]
     for s in systems:
-        head += [f"{s} tokens/s", f"{s} peak RSS MB"]
+        head += [f"{s} {speed_name}", f"{s} {rss_name}"]
     peers = [s for s in systems if s != "tunelab"] if "tunelab" in systems else []
     for peer in peers:
-        head += [f"tunelab ÷ {peer} tokens/s", f"tunelab ÷ {peer} RSS"]
+        head += [f"tunelab ÷ {peer} {speed_name}", f"tunelab ÷ {peer} RSS"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, lines in results:
         env = next(line for line in lines if line["kind"] == "env")
@@ -71,12 +85,12 @@ def table(kind: str, results: list[tuple[str, list[dict]]], systems: list[str]) 
         cells = [label, f"{env['data']['tokens_mean']:.0f}"] if kind == "length" else [f"{env['model']['parameters'] / 1e6:.1f} M"]
         for s in systems:
             r = by.get(s, {})
-            cells += [f"{r['tokens_per_s']:.1f}", f"{r['peak_rss_mb']:.0f}"] if r.get("ok") else ["failed", ""]
+            cells += [f"{r[speed]:.1f}", f"{rss(r):.0f}"] if r.get("ok") else ["failed", ""]
         ours = by.get("tunelab", {})
         for peer in peers:
             theirs = by.get(peer, {})
             ok = ours.get("ok") and theirs.get("ok")
-            cells += [f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.1f}×", f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}×"] if ok else ["", ""]
+            cells += [f"{ours[speed] / theirs[speed]:.1f}×", f"{rss(ours) / rss(theirs):.2f}×"] if ok else ["", ""]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -100,26 +114,30 @@ def main(argv: list[str] | None = None) -> int:
                         help="vs_trl.py systems (default trl,trl_packed,tunelab)")
     parser.add_argument("--from", dest="from_file", type=Path, metavar="JSONL",
                         help="print the tables of an earlier run from its saved stdout instead of measuring")
+    parser.add_argument("--after-first-step", action="store_true",
+                        help="tokens/s from step 2 on (the JSON lines carry both)")
+    parser.add_argument("--over-baseline", action="store_true",
+                        help="peak RSS minus the RSS at train begin (the imported runtime)")
     args = parser.parse_args(argv)
     systems = [s for s in args.systems.split(",") if s]
     if args.from_file:
-        for kind, done in read_results(args.from_file).items():
-            if done:
-                env = next(line for line in done[0][1] if line["kind"] == "env")
-                print(f"scaling by {kind} ({env['steps']} steps, median of {env['reps']}):\n" + table(kind, done, systems))
-        return 0
-    results: dict[str, list] = {"length": [], "model": []}
-    for kind, label, fields in points(args.only):
-        print(f"scaling: {kind} {label}", file=sys.stderr, flush=True)
-        lines = run_point(fields, args.steps, args.reps, args.systems)
-        for line in lines:
-            print(json.dumps({"scaling": kind, "point": label, **line}), flush=True)
-        results[kind].append((label, lines))
+        results = read_results(args.from_file)
+    else:
+        results = {"length": [], "model": []}
+        for kind, label, fields in points(args.only):
+            print(f"scaling: {kind} {label}", file=sys.stderr, flush=True)
+            lines = run_point(fields, args.steps, args.reps, args.systems)
+            for line in lines:
+                print(json.dumps({"scaling": kind, "point": label, **line}), flush=True)
+            results[kind].append((label, lines))
+    # Tables go to stdout when rebuilt, to stderr when measuring (stdout then holds the raw lines).
+    out = sys.stdout if args.from_file else sys.stderr
     for kind, done in results.items():
         if done:
-            print(f"\nscaling by {kind} ({args.steps} steps, median of {args.reps}):\n" + table(kind, done, systems), file=sys.stderr)
+            env = next(line for line in done[0][1] if line["kind"] == "env")
+            print(f"scaling by {kind} ({env['steps']} steps, median of {env['reps']}):\n"
+                  + table(kind, done, systems, args.after_first_step, args.over_baseline), file=out)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

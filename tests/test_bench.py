@@ -94,23 +94,33 @@ def test_scaling_table_gives_each_system_and_the_ratios():
 def test_scaling_tables_rebuild_from_saved_lines_with_a_ratio_per_peer(tmp_path, capsys):
     scaling = _bench_module("scaling")
     env = {"kind": "env", "steps": 4, "reps": 3, "data": {"tokens_mean": 76.4}, "model": {"parameters": 11_000_000}}
-    systems = [{"kind": "system", "system": "trl", "ok": True, "tokens_per_s": 100.0, "peak_rss_mb": 3000.0},
-               {"kind": "system", "system": "trl_packed", "ok": True, "tokens_per_s": 200.0, "peak_rss_mb": 2400.0},
-               {"kind": "system", "system": "tunelab", "ok": True, "tokens_per_s": 800.0, "peak_rss_mb": 1200.0}]
+    def system(name: str, speed: float, after_first: float, peak: float, begin: float) -> dict:
+        return {"kind": "system", "system": name, "ok": True, "tokens_per_s": speed,
+                "tokens_per_s_after_first_step": after_first, "peak_rss_mb": peak, "rss_at_train_begin_mb": begin}
+
+    systems = [system("trl", 100.0, 150.0, 3000.0, 750.0), system("trl_packed", 200.0, 400.0, 2400.0, 750.0),
+               system("tunelab", 800.0, 1000.0, 1200.0, 850.0)]
     saved = tmp_path / "scaling.jsonl"
     saved.write_text("".join(json.dumps({"scaling": "model", "point": "11M", **line}) + "\n" for line in [env, *systems]))
     assert scaling.main(["--from", str(saved)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("scaling by model (4 steps, median of 3):")
     assert out.strip().splitlines()[-1] == "| 11.0 M | 100.0 | 3000 | 200.0 | 2400 | 800.0 | 1200 | 8.0× | 0.40× | 4.0× | 0.50× |"
+    # Without step 1 and over the RSS at train begin: 1000/150, 350/2250; 1000/400, 350/1650.
+    assert scaling.main(["--from", str(saved), "--after-first-step", "--over-baseline"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "tunelab tokens/s after step 1" in lines[1] and "tunelab RSS over train begin MB" in lines[1]
+    assert lines[-1] == "| 11.0 M | 150.0 | 2250 | 400.0 | 1650 | 1000.0 | 350 | 6.7× | 0.16× | 2.5× | 0.21× |"
 
 
 def test_scaling_tables_in_results_md_are_the_ones_the_saved_run_gives(capsys):
     """bench/RESULTS.md must show what the committed raw lines say, not hand-edited figures."""
     scaling = _bench_module("scaling")
     bench = Path(__file__).resolve().parents[1] / "bench"
-    assert scaling.main(["--from", str(bench / "scaling-2026-12-04.jsonl")]) == 0
+    saved = str(bench / "scaling-2026-12-04.jsonl")
+    assert scaling.main(["--from", saved]) == 0
+    assert scaling.main(["--from", saved, "--after-first-step", "--over-baseline"]) == 0
     table_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
-    assert len(table_lines) == 2 * 2 + 5 + 3  # two header rows per table, 5 lengths, 3 models
+    assert len(table_lines) == 2 * (2 * 2 + 5 + 3)  # per view: two header rows per table, 5 lengths, 3 models
     results = (bench / "RESULTS.md").read_text().splitlines()
     assert [line for line in table_lines if line not in results] == []

@@ -128,8 +128,8 @@ def load_model(model_config: ModelConfig, **recipe_kwargs: Any) -> PreTrainedMod
     return model
 
 
-def keep_4bit_layout(model: torch.nn.Module) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; returns the layers changed.
+def keep_4bit_layout(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
 
     On CPUs with avx512_bf16, ``bnb.nn.Linear4bit`` rewrites its weight in place into a
     CPU-only layout on its first forward in eval mode without gradients (an evaluation
@@ -138,12 +138,9 @@ def keep_4bit_layout(model: torch.nn.Module) -> int:
     gradient reaches the layers below) and the fused kernels' dequantize reads the
     wrong layout. Evaluation must see the weights training sees, so the switch is off.
     """
-    changed = 0
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
-            changed += 1
-    return changed
 
 
 def _load_error(model_config: ModelConfig, what: str, exc: Exception) -> UserError:
