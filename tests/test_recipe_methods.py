@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from tunelab.recipes import get_recipe_class
 
 from tunelab.config import parse_config
-from tunelab.models.load import load_model
+from tunelab.models.load import load_model, load_tokenizer
 
 
 def adapted(model) -> dict[str, LoraLayer]:
@@ -102,6 +102,22 @@ def test_qlora_evaluation_leaves_the_4bit_weights_as_training_reads_them(monkeyp
         each(input_ids=ids, labels=ids).loss.backward()
     grads = [{n: p.grad for n, p in each.named_parameters() if p.requires_grad} for each in (model, never_evaluated)]
     assert grads[0].keys() == grads[1].keys() and all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
+def test_a_folder_saved_in_4_bit_loads_with_the_same_layout_switch_off(monkeypatch, tmp_path):
+    import bitsandbytes.nn.modules as bnb_modules
+    from transformers import BitsAndBytesConfig
+
+    from tunelab.models.trained import load_model_or_run
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)  # as on a CPU with avx512_bf16
+    config = tiny_config({"name": "lora"})
+    quantized = load_model(config.model, quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    quantized.save_pretrained(tmp_path / "nf4")
+    load_tokenizer(config.model).save_pretrained(tmp_path / "nf4")
+    model, _ = load_model_or_run(tmp_path / "nf4")
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert len(layers) == LAYERS * len(LINEARS) and not any(m.support_avx512bf16_for_cpu for m in layers)
 
 
 def test_qlora_without_bitsandbytes_is_refused(monkeypatch):

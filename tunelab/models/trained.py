@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from tunelab.config import Config, parse_config
 from tunelab.errors import UserError
-from tunelab.models.load import load_model, resolve_dtype
+from tunelab.models.load import keep_4bit_layout, load_model, resolve_dtype
 from tunelab.recipes import Recipe, get_recipe_class
 
 
@@ -49,6 +49,7 @@ def load_model_or_run(reference: str | Path) -> tuple[torch.nn.Module, PreTraine
         return load_trained(path)
     if (path / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+        keep_4bit_layout(model)  # a folder saved already quantized loads 4-bit layers too
         return model.eval(), AutoTokenizer.from_pretrained(path)
     raise UserError(f"{reference} is neither a tunelab run folder (config.yaml) nor a Hugging Face model folder (config.json).")
 
